@@ -1,0 +1,146 @@
+"""Building blocks shared by the towers: dense layers with logical sharding, norms, attention, RoPE, MLPs.
+
+Exactness rules (see COMPONENTS.md §5): norms and softmax compute in fp32; RMSNorm casts back to the
+input dtype *before* multiplying by its weight (HF order); RoPE angles are fp32 and cos/sin are cast to
+the activation dtype; GQA maps query head h to KV head h // group (HF `repeat_kv`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flashvl_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def to_dtype(name_or_dtype) -> jnp.dtype:
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; use one of {sorted(DTYPES)}")
+    return jnp.dtype(DTYPES[name_or_dtype])
+  return jnp.dtype(name_or_dtype)
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool, dtype, param_dtype,
+           rngs: nnx.Rngs) -> nnx.Linear:
+  """`nnx.Linear` (kernel `[in, out]` = PyTorch `W.T`) whose kernel/bias carry logical sharding names."""
+  return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+      rngs=rngs,
+  )
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with biased variance, computed in fp32 (torch semantics)."""
+
+  def __init__(self, features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+    self.bias = nnx.Param(jnp.zeros((features,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """HF RMSNorm: fp32 `x * rsqrt(mean(x^2) + eps)`, cast to the input dtype, then times the weight."""
+
+  def __init__(self, features: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((features,), param_dtype), out_sharding=("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return (self.scale[...].astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None) -> jax.Array:
+  """Scaled dot-product attention with grouped KV heads, fp32 softmax.
+
+  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads KV head h // (H // K));
+  mask: boolean, broadcastable to [B, H, T, S] (or [B, 1, T, S]); True = attend. A fully masked row
+  attends uniformly (as HF's finite `finfo.min` mask does), never NaN.
+  Returns [B, T, H, D] in q's dtype.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  group = h // kv_heads
+  qg = q.reshape(b, t, kv_heads, group, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
+    if mask.shape[1] == 1:
+      mask = mask[:, :, None]  # [B, 1, 1, T, S]
+    else:
+      mask = mask.reshape(b, kv_heads, group, t, k.shape[1])
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+  """HF default RoPE tables for integer `positions` [B, T]: fp32 angles, cast to `dtype`. Each [B, T, D]."""
+  inv_freq = 1.0 / (theta**(jnp.arange(0, head_dim, 2, dtype=jnp.int32).astype(jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  emb = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Split-halves rotation (`rotate_half`) of x [B, T, H, D] by cos/sin [B, T, D]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class SwiGLU(nnx.Module):
+  """`down(silu(gate(x)) * up(x))` without biases (Qwen2 MLP and AIMv2 FFN)."""
+
+  def __init__(self, hidden: int, intermediate: int, *, dtype, param_dtype, rngs: nnx.Rngs, use_bias: bool = False):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = linear(hidden, intermediate, ("embed", "mlp"), **kw)
+    self.up_proj = linear(hidden, intermediate, ("embed", "mlp"), **kw)
+    self.down_proj = linear(intermediate, hidden, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self.down_proj(h)
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """[B, T, H*D] -> [B, T, H, D]."""
+  return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """[B, T, H, D] -> [B, T, H*D]."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def check_pixels(pixels: jax.Array, image_size: int, channels: int, name: str) -> None:
+  if pixels.ndim != 4 or pixels.shape[-1] != channels:
+    raise ValueError(f"{name} expects NHWC pixels [B, H, W, {channels}], got shape {tuple(pixels.shape)}")
+  if pixels.shape[1] != image_size or pixels.shape[2] != image_size:
+    raise ValueError(f"{name} expects {image_size}x{image_size} images, got {pixels.shape[1]}x{pixels.shape[2]}")
+

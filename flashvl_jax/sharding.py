@@ -1,0 +1,156 @@
+"""Device mesh and the one rules table that maps logical axis roles to mesh axes.
+
+Parameters carry logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`); activations are
+constrained at block boundaries with `constrain(x, ("batch", "length", "act_embed"))`. Both resolve
+through `RULES`. A mesh axis is dropped for a dimension it does not divide (e.g. 2 KV heads on a
+4-way tensor axis), so tiny test models and odd vocab sizes shard without special cases.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical role -> mesh axes (tuple: shard over several; None: replicate)
+RULES: dict[str, tuple[str, ...] | None] = {
+    # parameters
+    "embed": ("fsdp",),  # model width of a weight matrix
+    "vocab": ("tensor",),
+    "heads": ("tensor",),  # q / o projections: heads * head_dim
+    "kv_heads": ("tensor",),  # k / v projections: kv_heads * head_dim
+    "mlp": ("tensor",),
+    "norm": None,
+    "patch": None,  # flattened patch pixels / conv window
+    "positions": None,
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+}
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh. Sizes may be -1 (fill with the remaining devices).
+
+  `shape=None` puts every device on 'fsdp'.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if shape is None:
+    sizes = [1, -1, 1]
+  elif isinstance(shape, Mapping):
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in shape]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Any) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dims have logical `names`, on `mesh`."""
+  if names is None:
+    return PartitionSpec()
+  if len(names) != len(shape):
+    raise ValueError(f"logical axes {tuple(names)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    axes = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+      raise KeyError(f"logical axis {name!r} has no entry in sharding.RULES")
+    kept = []
+    for axis in axes or ():
+      size = mesh.shape.get(axis, 1)
+      if axis in used or size == 1 or dim % (size * math.prod(mesh.shape[a] for a in kept)):
+        continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical names under the ambient mesh (`jax.set_mesh`); else a no-op."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+def _variable_spec(var: nnx.Variable, mesh: Mesh) -> PartitionSpec:
+  names = var.get_metadata().get("out_sharding")
+  return logical_to_spec(names, var.shape, mesh) if names else PartitionSpec()
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+  """NamedShardings for every variable of an (abstract) nnx state, by its logical axis names."""
+  return jax.tree.map(lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh))) if isinstance(
+      v, nnx.Variable) else NamedSharding(mesh, PartitionSpec()),
+                      state,
+                      is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Inputs whose leading dim is the batch: split over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def create_sharded(make_module, mesh: Mesh | None):
+  """Builds the module returned by `make_module()` directly into the shardings `RULES` give on `mesh`.
+
+  Parameters are created inside one jit with `out_shardings`, so no device ever holds the whole model
+  unless the rules replicate it. With `mesh=None` this is just `make_module()`.
+  """
+  if mesh is None:
+    with nnx.use_eager_sharding(False):
+      return make_module()
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(make_module)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh)
+
+  def init():
+    with nnx.use_eager_sharding(False):
+      return nnx.state(make_module())
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def describe(state: Any) -> str:
+  """One line per variable: path, shape, dtype and sharding spec (for logs and debugging)."""
+  rows = []
+  for path, v in nnx.to_flat_state(state):
+    arr = v.get_value() if isinstance(v, nnx.Variable) else v
+    spec = getattr(getattr(arr, "sharding", None), "spec", None)
+    rows.append(f"{'.'.join(map(str, path))}: {tuple(arr.shape)} {np.dtype(arr.dtype).name} {spec}")
+  return "\n".join(rows)

@@ -1,0 +1,194 @@
+"""Key-mapping tables between Hugging Face safetensors and our NNX parameter paths.
+
+A table is a list of `Rule`s. Each rule pairs an HF key template with one or more of our path templates
+(`{i}` stands for a layer index) and a `Transform` that turns the HF tensor into ours and back. Because
+both sides are templates, the same table serves import (HF -> ours) and export (ours -> HF).
+
+`plan_import` checks a whole checkpoint *before* any tensor is read, from the shapes alone, and raises
+one `WeightMappingError` listing every unmapped key, every missing parameter and every shape mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+
+class WeightMappingError(ValueError):
+  """A checkpoint does not match the model: the message lists every offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """HF tensor -> our tensors (`to_ours`) and back (`to_hf`). Both must be exact (no arithmetic)."""
+
+  name: str
+  to_ours: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  to_hf: Callable[..., np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda w: (w,), lambda w: w)
+LINEAR = Transform("linear W.T", lambda w: (w.T,), lambda k: k.T)  # torch [out, in] -> flax [in, out]
+CONV = Transform("conv OIHW->HWIO", lambda w: (w.transpose(2, 3, 1, 0),), lambda k: k.transpose(3, 2, 0, 1))
+SQUEEZE0 = Transform("squeeze(0)", lambda w: (w[0],), lambda w: w[None])
+
+
+def split_linear(n: int) -> Transform:
+  """A fused [n*out, in] torch weight (e.g. qkv) -> n flax kernels [in, out]."""
+  return Transform(f"split rows in {n}, W.T", lambda w: tuple(p.T for p in np.split(w, n, axis=0)),
+                   lambda *ks: np.concatenate([k.T for k in ks], axis=0))
+
+
+def split_rows(n: int) -> Transform:
+  """A fused [n*out] bias -> n biases."""
+  return Transform(f"split in {n}", lambda b: tuple(np.split(b, n, axis=0)), lambda *bs: np.concatenate(bs, axis=0))
+
+
+def _template_regex(template: str) -> re.Pattern:
+  parts = re.split(r"\{(\w+)\}", template)
+  out = []
+  for i, part in enumerate(parts):
+    out.append(re.escape(part) if i % 2 == 0 else f"(?P<{part}>\\d+)")
+  return re.compile("".join(out) + r"\Z")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """HF key template <-> our path template(s). `ours=None` marks HF keys we knowingly drop."""
+
+  hf: str
+  ours: str | tuple[str, ...] | None
+  transform: Transform = IDENTITY
+
+  @property
+  def our_templates(self) -> tuple[str, ...]:
+    if self.ours is None:
+      return ()
+    return (self.ours,) if isinstance(self.ours, str) else tuple(self.ours)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One HF tensor and the parameters it becomes."""
+
+  hf_key: str
+  our_paths: tuple[str, ...]
+  transform: Transform
+
+
+class Table:
+  """An ordered list of rules; the first rule whose template matches a key wins."""
+
+  def __init__(self, rules: Sequence[Rule], name: str = ""):
+    self.rules = tuple(rules)
+    self.name = name
+    self._hf = [(_template_regex(r.hf), r) for r in self.rules]
+    self._ours = [[(_template_regex(t), r) for t in r.our_templates] for r in self.rules]
+
+  def with_prefix(self, hf_prefix: str, our_prefix: str, name: str | None = None) -> "Table":
+    """The same table nested under `hf_prefix` / `our_prefix` (e.g. 'vit.' / 'vit.')."""
+    rules = []
+    for r in self.rules:
+      ours = None if r.ours is None else tuple(our_prefix + t for t in r.our_templates)
+      rules.append(Rule(hf_prefix + r.hf, ours, r.transform))
+    return Table(rules, name or self.name)
+
+  def __add__(self, other: "Table") -> "Table":
+    return Table(self.rules + other.rules, f"{self.name}+{other.name}")
+
+  def match_hf(self, key: str) -> tuple[Rule, dict[str, str]] | None:
+    for regex, rule in self._hf:
+      m = regex.match(key)
+      if m:
+        return rule, m.groupdict()
+    return None
+
+  def plan_import(self, hf_shapes: Mapping[str, tuple[int, ...]], our_shapes: Mapping[str, tuple[int, ...]],
+                  what: str = "checkpoint") -> list[Step]:
+    """Checks that the HF tensors map exactly onto our parameters and returns the steps to convert them.
+
+    hf_shapes: HF key -> shape (from the safetensors header). our_shapes: our path -> shape.
+    """
+    steps, unexpected, mismatched, produced = [], [], [], {}
+    for key in sorted(hf_shapes):
+      found = self.match_hf(key)
+      if found is None:
+        unexpected.append(key)
+        continue
+      rule, groups = found
+      if rule.ours is None:
+        continue
+      paths = tuple(t.format(**groups) for t in rule.our_templates)
+      shapes = [tuple(a.shape) for a in rule.transform.to_ours(_shape_only(hf_shapes[key]))]
+      for path, shape in zip(paths, shapes):
+        if path in produced:
+          mismatched.append(f"{path} is produced by both {produced[path]} and {key}")
+        produced[path] = key
+        if path not in our_shapes:
+          unexpected.append(f"{key} (maps to {path}, which the model does not have)")
+        elif tuple(our_shapes[path]) != shape:
+          mismatched.append(f"{key} {tuple(hf_shapes[key])} -> {path}: checkpoint gives {shape}, "
+                            f"model expects {tuple(our_shapes[path])}")
+      steps.append(Step(key, paths, rule.transform))
+    missing = sorted(set(our_shapes) - set(produced))
+    if unexpected or missing or mismatched:
+      lines = [f"{what} does not match the model ({self.name or 'table'}):"]
+      for title, items in (("unexpected keys (no rule maps them)", unexpected),
+                           ("missing parameters (no checkpoint key provides them)", missing),
+                           ("shape mismatches", mismatched)):
+        if items:
+          lines.append(f"  {len(items)} {title}:")
+          lines.extend(f"    {x}" for x in items)
+      raise WeightMappingError("\n".join(lines))
+    return steps
+
+  def plan_export(self, our_shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, Rule, tuple[str, ...]]]:
+    """(hf_key, rule, our_paths) for every HF tensor our parameters make; every parameter must be used."""
+    out, used, orphan = [], set(), []
+    for path in sorted(our_shapes):
+      if path in used:
+        continue
+      for rule_index, rule in enumerate(self.rules):
+        hit = None
+        for regex, r in self._ours[rule_index]:
+          m = regex.match(path)
+          if m:
+            hit = m.groupdict()
+            break
+        if hit is None:
+          continue
+        paths = tuple(t.format(**hit) for t in rule.our_templates)
+        absent = [p for p in paths if p not in our_shapes]
+        if absent:
+          raise WeightMappingError(f"export: {rule.hf} needs {absent}, which the model does not have")
+        used.update(paths)
+        out.append((rule.hf.format(**hit), rule, paths))
+        break
+      else:
+        orphan.append(path)
+    if orphan:
+      raise WeightMappingError("export: no rule maps these parameters to an HF key:\n" +
+                               "\n".join(f"  {p}" for p in orphan))
+    return out
+
+
+def _shape_only(shape: Sequence[int]) -> np.ndarray:
+  """A zero-byte array of `shape`, so transforms can be applied to shapes alone."""
+  return np.broadcast_to(np.zeros((), np.int8), tuple(shape))
+
+
+def run_import(steps: Iterable[Step], get: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+  """Streams (our_path, array) pairs, reading one HF tensor at a time with `get(hf_key)`."""
+  for step in steps:
+    for path, arr in zip(step.our_paths, step.transform.to_ours(get(step.hf_key))):
+      yield path, np.ascontiguousarray(arr)
+
+
+def run_export(plan: Iterable[tuple[str, Rule, tuple[str, ...]]],
+               get: Callable[[str], np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+  """Streams (hf_key, array) pairs, reading our parameters with `get(path)`."""
+  for hf_key, rule, paths in plan:
+    yield hf_key, np.ascontiguousarray(rule.transform.to_hf(*[get(p) for p in paths]))
