@@ -130,16 +130,12 @@ def create_sharded(make_module, mesh: Mesh | None):
   unless the rules replicate it. With `mesh=None` this is just `make_module()`.
   """
   if mesh is None:
-    with nnx.use_eager_sharding(False):
-      return make_module()
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(make_module)
-  graphdef, abstract_state = nnx.split(abstract)
+    return make_module()
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_module))
   shardings = state_shardings(abstract_state, mesh)
 
   def init():
-    with nnx.use_eager_sharding(False):
-      return nnx.state(make_module())
+    return nnx.state(make_module())
 
   with jax.set_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
