@@ -107,7 +107,7 @@ class TilingConfig:
 
   mode: Literal["static", "dynamic", "overlap", "iss"] = "static"
   max_tiles: int = 4
-  thumbnail: bool = False  # dynamic/overlap: append a global view of the whole image
+  thumbnail: bool = False  # dynamic/overlap/iss: append a global view of the whole image (grids of > 1 tile)
   slice_markers: bool = False  # dynamic: wrap each tile's tokens in slice start/end markers
   margin_patches: int = 4  # iss/overlap: context margin in patches on each side of a tile's core
 

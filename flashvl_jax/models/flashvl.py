@@ -28,7 +28,7 @@ from flashvl_jax.preprocess.image import normalize
 VISION_TOWERS = {"siglip": SiglipVisionTower, "aimv2": Aimv2VisionTower}
 
 
-class FlashVL(nnx.Module):
+class FlashVLModel(nnx.Module):
   """`vit` + `adp` + `llm`, named like the released checkpoint's prefixes."""
 
   def __init__(self, cfg: FlashVLConfig, *, rngs: nnx.Rngs):
@@ -76,11 +76,12 @@ class FlashVL(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                attention_mask: jax.Array | None = None, *, position_ids: jax.Array | None = None,
-               image_patch_index: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, V] (fp32)."""
+               image_patch_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               logits_at: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, V] (fp32), or [B, K, V] at the positions `logits_at` [B, K]."""
     embeds = self.embed_inputs(input_ids, pixel_values, image_patch_index)
     return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                    segment_ids=segment_ids)
+                    segment_ids=segment_ids, logits_at=logits_at)
 
 
 def check_image_placeholders(input_ids: np.ndarray, num_image_tokens: np.ndarray | int) -> None:
@@ -93,3 +94,6 @@ def check_image_placeholders(input_ids: np.ndarray, num_image_tokens: np.ndarray
     rows = ", ".join(f"row {r}: {counts[r]} placeholders vs {expected[r]} image tokens" for r in bad[:5])
     raise ValueError(f"image placeholders do not match the image token counts ({rows}); build inputs with "
                      f"flashvl_jax.preprocess.processor.Processor")
+
+
+FlashVL = FlashVLModel  # TODO(lead): transitional name used by the trainer draft; removed once it imports FlashVLModel

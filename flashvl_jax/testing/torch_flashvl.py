@@ -57,13 +57,19 @@ class TorchFlashVL(nn.Module):
     self.vision_feature = vision_feature
 
   def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-    """pixel_values [N, 3, H, W] normalised -> adapter output [N, tokens, D]."""
-    out = self.vit(pixel_values=pixel_values, output_hidden_states=True)
+    """Normalised tiles [B, n, 3, H, W] (or one tile [B, 3, H, W]) -> adapter output [B, n * tokens, D].
+
+    Each tile is pixel-shuffled on its own and the tiles' tokens are concatenated in order.
+    """
+    if pixel_values.ndim == 4:
+      pixel_values = pixel_values[:, None]
+    b, n = pixel_values.shape[:2]
+    out = self.vit(pixel_values=pixel_values.flatten(0, 1), output_hidden_states=True)
     feats = out.last_hidden_state if self.vision_feature == "post_norm" else out.hidden_states[-1]
-    n, p, c = feats.shape
+    _, p, c = feats.shape
     side = int(p**0.5)
-    shuffled = internvl_pixel_shuffle(feats.reshape(n, side, side, c), ps_version=self.ps_version)
-    return self.adp(shuffled.reshape(n, -1, c * 4))
+    shuffled = internvl_pixel_shuffle(feats.reshape(b * n, side, side, c).contiguous(), ps_version=self.ps_version)
+    return self.adp(shuffled.reshape(b, -1, c * 4))
 
   def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
     embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
