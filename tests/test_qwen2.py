@@ -16,7 +16,8 @@ from flashvl_jax import sharding
 from flashvl_jax.config import ConfigError, LLMConfig
 from flashvl_jax.models import layers
 from flashvl_jax.models import qwen2 as qwen2_model
-from flashvl_jax.models.qwen2 import Qwen2ForCausalLM, load_qwen2
+from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
+from flashvl_jax.weights.qwen2 import load_qwen2
 from flashvl_jax.testing.tiny_qwen2 import TINY_QWEN2, build_tiny_qwen2, tiny_qwen2_config
 from flashvl_jax.weights import qwen2 as qwen2_weights
 from flashvl_jax.weights.hf_io import read_hf_config

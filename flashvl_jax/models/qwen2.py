@@ -18,8 +18,6 @@ Three ways to run it, all with static shapes:
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -202,15 +200,3 @@ class Qwen2ForCausalLM(nnx.Module):
     if cache is None:
       return logits
     return logits, {"k": kv[0], "v": kv[1]}
-
-
-def load_qwen2(path: str | pathlib.Path, dtype="float32", param_dtype="float32") -> Qwen2ForCausalLM:
-  """A `Qwen2ForCausalLM` from a Hugging Face directory (config.json + safetensors), strict on keys/shapes."""
-  from flashvl_jax.weights import qwen2 as qwen2_weights
-  from flashvl_jax.weights.hf_io import SafetensorsReader, load_params, read_hf_config
-
-  cfg = qwen2_weights.config_from_hf(read_hf_config(path))
-  reader = SafetensorsReader(path)
-  qwen2_weights.check_tied_lm_head(reader, cfg)
-  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return load_params(model, qwen2_weights.table(cfg), reader, what=f"Qwen2 checkpoint {str(path)!r}")

@@ -57,6 +57,23 @@ def hf_dtype(cfg: Mapping[str, Any]) -> str | None:
   return None if d is None else str(d).replace("torch.", "")
 
 
+ARCHITECTURES = ("flashvl", "siglip", "aimv2", "qwen2")
+
+
+def detect_architecture(cfg: Mapping[str, Any], where: str = "config.json") -> str:
+  """'flashvl', 'siglip', 'aimv2' or 'qwen2' from an HF config dict; anything else is an error naming it."""
+  if "vision_config" in cfg and "llm_config" in cfg:
+    return "flashvl"
+  model_type = str(cfg.get("model_type", ""))
+  archs = cfg.get("architectures") or []
+  for arch in ("siglip", "aimv2", "qwen2"):
+    if model_type.startswith(arch) or any(str(a).lower().startswith(arch) for a in archs):
+      return arch
+  raise CheckpointError(f"{where}: unknown architecture (model_type={model_type!r}, architectures={archs}); "
+                        "supported: Flash-VL (vision_config + llm_config), SiglipModel / SiglipVisionModel, "
+                        "Aimv2VisionModel (transformers or Apple layout), Qwen2ForCausalLM")
+
+
 class SafetensorsReader:
   """Lazy access to one `model.safetensors` or a sharded set with `model.safetensors.index.json`."""
 
@@ -136,6 +153,6 @@ def load_params(module: nnx.Module, table: Table, reader: SafetensorsReader, wha
 
 
 __all__ = [
-    "CheckpointError", "SafetensorsReader", "WeightMappingError", "hf_dtype", "hf_rope_theta", "hf_value",
+    "ARCHITECTURES", "CheckpointError", "detect_architecture", "SafetensorsReader", "WeightMappingError", "hf_dtype", "hf_rope_theta", "hf_value",
     "load_params", "param_arrays", "param_shapes", "read_hf_config"
 ]

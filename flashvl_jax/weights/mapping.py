@@ -70,6 +70,18 @@ class Rule:
     return (self.ours,) if isinstance(self.ours, str) else tuple(self.ours)
 
 
+def linear_rules(hf: str, ours: str, bias: bool = True) -> list[Rule]:
+  """torch Linear `hf.{weight,bias}` <-> nnx.Linear `ours.{kernel,bias}`."""
+  rules = [Rule(f"{hf}.weight", f"{ours}.kernel", LINEAR)]
+  return rules + [Rule(f"{hf}.bias", f"{ours}.bias")] if bias else rules
+
+
+def norm_rules(hf: str, ours: str, bias: bool = True) -> list[Rule]:
+  """torch LayerNorm (bias=True) or RMSNorm (bias=False) `hf.weight` <-> our `ours.scale` (+ `bias`)."""
+  rules = [Rule(f"{hf}.weight", f"{ours}.scale")]
+  return rules + [Rule(f"{hf}.bias", f"{ours}.bias")] if bias else rules
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One HF tensor and the parameters it becomes."""

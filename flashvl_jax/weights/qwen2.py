@@ -7,13 +7,16 @@ A different head means the config's `tie_word_embeddings: true` is wrong, so loa
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+from flax import nnx
 
 from flashvl_jax.config import ConfigError, LLMConfig
-from flashvl_jax.weights.hf_io import SafetensorsReader, hf_rope_theta
-from flashvl_jax.weights.mapping import LINEAR, Rule, Table, WeightMappingError
+from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
+from flashvl_jax.weights.hf_io import SafetensorsReader, hf_rope_theta, load_params, read_hf_config
+from flashvl_jax.weights.mapping import LINEAR, Rule, Table, WeightMappingError, linear_rules, norm_rules
 
 EMBED_KEY = "model.embed_tokens.weight"
 LM_HEAD_KEY = "lm_head.weight"
@@ -24,18 +27,15 @@ def table(cfg: LLMConfig) -> Table:
   layer = "model.layers.{i}"
   rules = [
       Rule(EMBED_KEY, "model.embed_tokens.embedding"),
-      Rule(f"{layer}.input_layernorm.weight", f"{layer}.input_layernorm.scale"),
-      Rule(f"{layer}.post_attention_layernorm.weight", f"{layer}.post_attention_layernorm.scale"),
-      Rule(f"{layer}.self_attn.o_proj.weight", f"{layer}.self_attn.o_proj.kernel", LINEAR),
-      Rule("model.norm.weight", "model.norm.scale"),
+      *norm_rules(f"{layer}.input_layernorm", f"{layer}.input_layernorm", bias=False),
+      *norm_rules(f"{layer}.post_attention_layernorm", f"{layer}.post_attention_layernorm", bias=False),
+      *linear_rules(f"{layer}.self_attn.o_proj", f"{layer}.self_attn.o_proj", bias=False),
+      *norm_rules("model.norm", "model.norm", bias=False),
   ]
   for proj in ("q_proj", "k_proj", "v_proj"):
-    rules += [
-        Rule(f"{layer}.self_attn.{proj}.weight", f"{layer}.self_attn.{proj}.kernel", LINEAR),
-        Rule(f"{layer}.self_attn.{proj}.bias", f"{layer}.self_attn.{proj}.bias"),
-    ]
+    rules += linear_rules(f"{layer}.self_attn.{proj}", f"{layer}.self_attn.{proj}")
   for proj in ("gate_proj", "up_proj", "down_proj"):
-    rules.append(Rule(f"{layer}.mlp.{proj}.weight", f"{layer}.mlp.{proj}.kernel", LINEAR))
+    rules += linear_rules(f"{layer}.mlp.{proj}", f"{layer}.mlp.{proj}", bias=False)
   rules.append(Rule(LM_HEAD_KEY, None if cfg.tie_word_embeddings else "lm_head.kernel", LINEAR))
   return Table(rules, "qwen2")
 
@@ -119,6 +119,15 @@ def hf_config_from(cfg: LLMConfig, dtype: str = "bfloat16") -> dict[str, Any]:
       "torch_dtype": dtype,
       "dtype": dtype,
   }
+
+
+def load_qwen2(path: str | pathlib.Path, dtype="float32", param_dtype="float32") -> Qwen2ForCausalLM:
+  """A `Qwen2ForCausalLM` from a Hugging Face directory (config.json + safetensors), strict on keys/shapes."""
+  cfg = config_from_hf(read_hf_config(path))
+  reader = SafetensorsReader(path)
+  check_tied_lm_head(reader, cfg)
+  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+  return load_params(model, table(cfg), reader, what=f"Qwen2 checkpoint {str(path)!r}")
 
 
 __all__ = ["check_tied_lm_head", "config_from_hf", "hf_config_from", "table"]

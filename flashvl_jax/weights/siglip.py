@@ -18,7 +18,7 @@ from flax import nnx
 from flashvl_jax.config import ConfigError, VisionConfig
 from flashvl_jax.models.siglip import SiglipVisionTower
 from flashvl_jax.weights.hf_io import SafetensorsReader, load_params, read_hf_config
-from flashvl_jax.weights.mapping import CONV, LINEAR, Rule, Table, split_linear, split_rows
+from flashvl_jax.weights.mapping import CONV, Rule, Table, linear_rules, norm_rules, split_linear, split_rows
 
 VISION_PREFIX = "vision_model."
 DROPPED_PREFIXES = ("text_model.",)  # SiglipModel parts a vision tower does not use
@@ -30,23 +30,13 @@ HF_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12
                    hidden_act="gelu_pytorch_tanh")
 
 
-def linear_rules(hf: str, ours: str, bias: bool = True) -> list[Rule]:
-  """torch Linear `hf.{weight,bias}` -> nnx.Linear `ours.{kernel,bias}`."""
-  rules = [Rule(f"{hf}.weight", f"{ours}.kernel", LINEAR)]
-  return rules + [Rule(f"{hf}.bias", f"{ours}.bias")] if bias else rules
-
-
-def layer_norm_rules(hf: str, ours: str) -> list[Rule]:
-  return [Rule(f"{hf}.weight", f"{ours}.scale"), Rule(f"{hf}.bias", f"{ours}.bias")]
-
-
 def _head_rules(use_head: bool) -> list[Rule]:
   rules = [
       Rule("head.probe", "head.probe"),
       Rule("head.attention.in_proj_weight", tuple(f"head.attention.{n}_proj.kernel" for n in "qkv"), split_linear(3)),
       Rule("head.attention.in_proj_bias", tuple(f"head.attention.{n}_proj.bias" for n in "qkv"), split_rows(3)),
       *linear_rules("head.attention.out_proj", "head.attention.out_proj"),
-      *layer_norm_rules("head.layernorm", "head.layernorm"),
+      *norm_rules("head.layernorm", "head.layernorm"),
       *linear_rules("head.mlp.fc1", "head.mlp.fc1"),
       *linear_rules("head.mlp.fc2", "head.mlp.fc2"),
   ]
@@ -60,13 +50,13 @@ def table(cfg: VisionConfig) -> Table:
       Rule("embeddings.patch_embedding.weight", "embeddings.patch_embedding.kernel", CONV),
       Rule("embeddings.patch_embedding.bias", "embeddings.patch_embedding.bias"),
       Rule("embeddings.position_embedding.weight", "embeddings.position_embedding"),
-      *layer_norm_rules(f"{layer}.layer_norm1", f"{layer}.layer_norm1"),
+      *norm_rules(f"{layer}.layer_norm1", f"{layer}.layer_norm1"),
       *[r for n in ("q", "k", "v", "out") for r in linear_rules(f"{layer}.self_attn.{n}_proj",
                                                                f"{layer}.self_attn.{n}_proj")],
-      *layer_norm_rules(f"{layer}.layer_norm2", f"{layer}.layer_norm2"),
+      *norm_rules(f"{layer}.layer_norm2", f"{layer}.layer_norm2"),
       *linear_rules(f"{layer}.mlp.fc1", f"{layer}.mlp.fc1"),
       *linear_rules(f"{layer}.mlp.fc2", f"{layer}.mlp.fc2"),
-      *layer_norm_rules("post_layernorm", "post_layernorm"),
+      *norm_rules("post_layernorm", "post_layernorm"),
       *_head_rules(cfg.use_head),
   ]
   return Table(rules, "siglip")
