@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from flashvl_jax import sharding
 from flashvl_jax.config import ConfigError, load_config
 from flashvl_jax.models.aimv2 import Aimv2Embeddings, Aimv2VisionTower
 from flashvl_jax.models.siglip import patchify
 from flashvl_jax.testing import tiny_vision
 from flashvl_jax.weights import aimv2 as aimv2_weights
 from flashvl_jax.weights.hf_io import SafetensorsReader, WeightMappingError, param_arrays, param_shapes
+from flashvl_jax.testing.mesh import sharded_call
 
 TOL = 1e-4
 max_diff = tiny_vision.max_abs_diff
@@ -179,18 +179,9 @@ def test_sharded_forward_matches_unsharded(tiny):
   tower = aimv2_weights.load_aimv2(path)
   x = pixels(5, batch=4)
   expected = np.asarray(features(tower, jnp.asarray(x))[1])
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  graphdef, state = nnx.split(tower)
-  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  out, state = sharded_call(tower, jnp.asarray(x))
   up_kernel = state["encoder"]["layers"][0]["ffn"]["up_proj"]["kernel"][...]
   assert up_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-
-  @jax.jit
-  def forward(state, x):
-    return nnx.merge(graphdef, state)(x)
-
-  with jax.set_mesh(mesh):
-    out = forward(state, jax.device_put(x, sharding.batch_sharding(mesh, 4)))
   d = max_diff(out, expected)
   print(f"aimv2 sharded (2x2x2 mesh) vs unsharded: {d:.2e}")
   assert d <= 1e-5

@@ -7,20 +7,19 @@ table. Logits are compared on prompts holding the -200/-201 image placeholders.
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-from flashvl_jax import sharding
 from flashvl_jax.config import load_config
 from flashvl_jax.models.flashvl import FlashVLModel, check_image_placeholders
 from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2
 from flashvl_jax.testing.tiny_vision import build_tiny_aimv2, build_tiny_siglip, random_pixels
 from flashvl_jax.testing.torch_flashvl import build_tiny_flashvl, save_released_layout
 from flashvl_jax.weights.flashvl import load_flashvl
+from flashvl_jax.testing.mesh import sharded_call
 
 TOL = 1e-4
 VOCAB = 160
@@ -125,17 +124,7 @@ def test_sharded_forward_equals_unsharded(static_pair):
   ids = jnp.asarray(placeholder_ids(np.random.default_rng(5), 4, batch=4))
   pixels = jnp.asarray(random_pixels(5, 32, 32, batch=4))
   expected = np.asarray(ours(ids, pixels))
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  graphdef, state = nnx.split(ours)
-  state = jax.device_put(state, sharding.state_shardings(state, mesh))
-
-  @jax.jit
-  def forward(state, ids, pixels):
-    return nnx.merge(graphdef, state)(ids, pixels)
-
-  with jax.set_mesh(mesh):
-    got = forward(state, jax.device_put(ids, sharding.batch_sharding(mesh, 2)),
-                  jax.device_put(pixels, sharding.batch_sharding(mesh, 4)))
+  got, _ = sharded_call(ours, ids, pixels)
   assert len(got.sharding.device_set) == 8
   # fsdp splits the contractions, so sums are reordered: equal to 1e-5 relative (logits are ~1-10)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)

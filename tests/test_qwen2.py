@@ -12,7 +12,6 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from flashvl_jax import sharding
 from flashvl_jax.config import ConfigError, LLMConfig
 from flashvl_jax.models import layers
 from flashvl_jax.models import qwen2 as qwen2_model
@@ -22,6 +21,7 @@ from flashvl_jax.testing.tiny_qwen2 import TINY_QWEN2, build_tiny_qwen2, tiny_qw
 from flashvl_jax.weights import qwen2 as qwen2_weights
 from flashvl_jax.weights.hf_io import read_hf_config
 from flashvl_jax.weights.mapping import WeightMappingError
+from flashvl_jax.testing.mesh import sharded_call
 
 TOL = 1e-4  # fp32 logits of magnitude 3-25
 CACHE_TOL = 1e-5
@@ -354,15 +354,10 @@ def test_table_exports_hf_keys(tiny, ours):
 
 def test_sharded_matches_unsharded(ours):
   """Params by their logical axes and a batch-sharded input on a (2, 2, 2) mesh give the same logits."""
-  graphdef, state = nnx.split(ours["untied"])
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   ids = jnp.asarray(random_ids((4, 12), seed=8))
-  expected = np.asarray(forward(state, ids))
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded = jax.device_put(state, sharding.state_shardings(state, mesh))
+  expected = np.asarray(jax.jit(lambda x: ours["untied"](x))(ids))
+  got, sharded = sharded_call(ours["untied"], ids)
   assert len(sharded["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...].sharding.device_set) == 8
-  with jax.set_mesh(mesh):
-    got = forward(sharded, jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
   assert max_diff(got, expected) <= 1e-5
 
 
