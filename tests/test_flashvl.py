@@ -164,3 +164,15 @@ def test_full_size_parameter_counts(preset, vit_params):
   c4 = 4 * cfg.vision.hidden_size
   assert count(model.adp) == 2 * c4 + (c4 + 1) * a.intermediate_size + (a.intermediate_size + 1) * (
       a.intermediate_size + cfg.llm.hidden_size)
+
+
+def test_from_hf_dispatch_and_errors(static_pair, tmp_path):
+  from flashvl_jax.models import from_hf
+  from flashvl_jax.weights.hf_io import CheckpointError
+
+  assert isinstance(from_hf(static_pair[2]), FlashVLModel)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    from_hf(tmp_path / "absent")
+  (tmp_path / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+  with pytest.raises(CheckpointError, match="unknown architecture.*llama"):
+    from_hf(tmp_path)
