@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Any
 
 from flashvl_jax.testing.randomize import randomize_
@@ -121,6 +122,56 @@ def write_apple_layout(torch_model, out_dir: str | pathlib.Path) -> None:
       "torch_dtype": "float32",
   }
   (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# Apple block keys -> transformers `encoder.layers.i.*` keys (the fused qkv is split separately).
+APPLE_BLOCK_KEYS = {"norm_1.weight": "rms_norm1.weight", "attn.proj.weight": "attention.out_proj.weight",
+                    "norm_2.weight": "rms_norm2.weight", "mlp.fc1.weight": "ffn.gate_proj.weight",
+                    "mlp.fc3.weight": "ffn.up_proj.weight", "mlp.fc2.weight": "ffn.down_proj.weight"}
+APPLE_OTHER_KEYS = {"preprocessor.patchifier.proj.weight": "embeddings.patch_embed.weight",
+                    "preprocessor.patchifier.proj.bias": "embeddings.patch_embed.bias",
+                    "preprocessor.patchifier.norm.weight": "embeddings.rms_norm.weight",
+                    "trunk.post_trunk_norm.weight": "rms_norm.weight"}
+
+
+def apple_to_transformers(state: dict[str, Any]) -> dict[str, Any]:
+  """Apple remote-code AIMv2 tensors -> transformers `Aimv2VisionModel` keys: the inverse of
+  `write_apple_layout` (qkv rows split in thirds q; k; v, `pos_embed` squeezed), independent of our tables."""
+  out = {}
+  for key, value in state.items():
+    block = re.fullmatch(r"trunk\.blocks\.(\d+)\.(.+)", key)
+    if key == "preprocessor.pos_embed":
+      out["embeddings.position_embedding.weight"] = value[0]
+    elif block and block.group(2) == "attn.qkv.weight":
+      for name, part in zip("qkv", value.chunk(3, dim=0)):
+        out[f"encoder.layers.{block.group(1)}.attention.{name}_proj.weight"] = part
+    elif block:
+      out[f"encoder.layers.{block.group(1)}.{APPLE_BLOCK_KEYS[block.group(2)]}"] = value
+    else:
+      out[APPLE_OTHER_KEYS[key]] = value
+  return out
+
+
+def aimv2_config_from_apple(config: dict[str, Any]):
+  """A transformers `Aimv2VisionConfig` (no head) from Apple's `AIMv2Config` fields."""
+  from transformers import Aimv2VisionConfig
+
+  fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+            "image_size", "patch_size", "rms_norm_eps", "qkv_bias")
+  return Aimv2VisionConfig(**{k: config[k] for k in fields if k in config}, mlp_bias=config.get("use_bias", False),
+                           use_head=False)
+
+
+def read_apple_layout(path: str | pathlib.Path):
+  """A transformers `Aimv2VisionModel` (fp32, eager, eval) holding an Apple-layout directory's weights."""
+  from safetensors.torch import load_file
+  from transformers import Aimv2VisionModel
+
+  path = pathlib.Path(path)
+  model = Aimv2VisionModel(aimv2_config_from_apple(json.loads((path / "config.json").read_text())))
+  model.load_state_dict(apple_to_transformers(load_file(str(path / "model.safetensors"))), strict=True)
+  model.set_attn_implementation("eager")
+  return model.float().eval()
 
 
 def reference_outputs(torch_model, pixels_nhwc, **kwargs) -> dict[str, Any]:

@@ -121,3 +121,44 @@ def save_released_layout(model: TorchFlashVL, out_dir: str | pathlib.Path, *, im
   }
   (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
   return out
+
+
+def load_released_layout(path: str | pathlib.Path) -> TorchFlashVL:
+  """A `TorchFlashVL` (fp32, eager attention, eval) from a Flash-VL checkpoint in the released layout: config.json
+  plus `model.safetensors` or a sharded set. An Apple-layout AIMv2 `vit.*` is mapped to transformers' keys."""
+  from safetensors.torch import load_file
+  from transformers import (Aimv2VisionConfig, Aimv2VisionModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig,
+                            SiglipVisionModel)
+
+  from flashvl_jax.testing.tiny_vision import aimv2_config_from_apple, apple_to_transformers
+
+  path = pathlib.Path(path)
+  cfg = json.loads((path / "config.json").read_text())
+  index = path / "model.safetensors.index.json"
+  files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+      "model.safetensors"]
+  tensors = {k: v.float() for f in files for k, v in load_file(str(path / f)).items()}
+  part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+  vit_state = part("vit.")
+  vision = {k: v for k, v in cfg["vision_config"].items() if k != "proj_output_dim"}
+  if "siglip" in vision.get("model_type", ""):
+    vit = SiglipVisionModel(SiglipVisionConfig(**vision))
+  elif any(k.startswith("trunk.") for k in vit_state):
+    vit, vit_state = Aimv2VisionModel(aimv2_config_from_apple(vision)), apple_to_transformers(vit_state)
+  else:
+    vit = Aimv2VisionModel(Aimv2VisionConfig(**vision))
+  vit.load_state_dict(vit_state, strict=True)
+  llm = Qwen2ForCausalLM(Qwen2Config(**cfg["llm_config"]))
+  result = llm.load_state_dict(part("llm."), strict=False)
+  tied_head = {"lm_head.weight"} if llm.config.tie_word_embeddings else set()
+  if result.unexpected_keys or set(result.missing_keys) - tied_head:
+    raise KeyError(f"llm.* keys do not match Qwen2ForCausalLM: missing {result.missing_keys}, unexpected "
+                   f"{result.unexpected_keys}")
+  adp_state = part("adp.")
+  kind = "ln_mlp3" if "proj.weight" in adp_state else "mlp2"
+  intermediate = adp_state["p0.1.weight"].shape[0] if kind == "ln_mlp3" else 0
+  adp = TorchAdapter(vit.config.hidden_size, intermediate, llm.config.hidden_size, kind=kind)
+  adp.load_state_dict(adp_state, strict=True)
+  for tower in (vit, llm):
+    tower.set_attn_implementation("eager")
+  return TorchFlashVL(vit.float(), adp, llm.float()).eval()

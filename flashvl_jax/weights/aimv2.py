@@ -19,7 +19,7 @@ from flax import nnx
 
 from flashvl_jax.config import ConfigError, VisionConfig
 from flashvl_jax.models.aimv2 import Aimv2VisionTower
-from flashvl_jax.weights.hf_io import SafetensorsReader, load_params, read_hf_config
+from flashvl_jax.weights.hf_io import SafetensorsReader, load_hf_module, read_hf_config
 from flashvl_jax.weights.mapping import CONV, LINEAR, SQUEEZE0, Rule, Table, split_linear
 from flashvl_jax.weights.siglip import VISION_PREFIX, dropped_keys_table
 
@@ -140,9 +140,8 @@ def load_aimv2(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.f
   """An `Aimv2VisionTower` from an HF checkpoint directory in either layout (detected from the keys)."""
   cfg = config_from_hf(read_hf_config(path))
   reader = SafetensorsReader(path)
-  with nnx.use_eager_sharding(False):
-    module = nnx.eval_shape(lambda: Aimv2VisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return load_params(module, checkpoint_table(cfg, reader.keys()), reader, what=f"AIMv2 checkpoint {path}")
+  return load_hf_module(lambda: Aimv2VisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+                        checkpoint_table(cfg, reader.keys()), reader, what=f"AIMv2 checkpoint {path}")
 
 
 __all__ = ["apple_table", "checkpoint_table", "config_from_hf", "hf_config_from", "load_aimv2", "table"]

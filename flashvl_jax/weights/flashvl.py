@@ -21,7 +21,7 @@ from flashvl_jax.weights import adapter as adapter_weights
 from flashvl_jax.weights import aimv2 as aimv2_weights
 from flashvl_jax.weights import qwen2 as qwen2_weights
 from flashvl_jax.weights import siglip as siglip_weights
-from flashvl_jax.weights.hf_io import SafetensorsReader, load_params, read_hf_config
+from flashvl_jax.weights.hf_io import SafetensorsReader, load_hf_module, read_hf_config
 from flashvl_jax.weights.mapping import Table
 
 VISION_WEIGHTS = {"siglip": siglip_weights, "aimv2": aimv2_weights}
@@ -76,8 +76,12 @@ def config_from_hf(hf: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
 def table(cfg: FlashVLConfig, hf_keys) -> Table:
   """vit/adp/llm tables under their prefixes; the vision layout (transformers or Apple AIMv2) comes from the keys."""
   vit_keys = [k[len("vit."):] for k in hf_keys if k.startswith("vit.")]
-  vit = VISION_WEIGHTS[cfg.vision.kind].checkpoint_table(cfg.vision, vit_keys)
-  return (vit.with_prefix("vit.", "vit.") + adapter_weights.table(cfg.adapter).with_prefix("adp.", "adp.") +
+  return composite_table(cfg, VISION_WEIGHTS[cfg.vision.kind].checkpoint_table(cfg.vision, vit_keys))
+
+
+def composite_table(cfg: FlashVLConfig, vision_table: Table) -> Table:
+  """`vision_table` (unprefixed vision keys) under `vit.`, the adapter under `adp.`, Qwen2 under `llm.`."""
+  return (vision_table.with_prefix("vit.", "vit.") + adapter_weights.table(cfg.adapter).with_prefix("adp.", "adp.") +
           qwen2_weights.table(cfg.llm).with_prefix("llm.", "llm."))
 
 
@@ -91,5 +95,5 @@ def load_flashvl(path: str | pathlib.Path, *, dtype: str = "float32", param_dtyp
   cfg = dataclasses.replace(config_from_hf(hf, reader.shapes(), tiling), dtype=to_dtype(dtype).name,
                             param_dtype=to_dtype(param_dtype or dtype).name)
   qwen2_weights.check_tied_lm_head(reader, cfg.llm, hf_prefix="llm.")
-  module = nnx.eval_shape(lambda: FlashVLModel(cfg, rngs=nnx.Rngs(0)))
-  return load_params(module, table(cfg, reader.keys()), reader, what=f"Flash-VL checkpoint {path}")
+  return load_hf_module(lambda: FlashVLModel(cfg, rngs=nnx.Rngs(0)), table(cfg, reader.keys()), reader,
+                        what=f"Flash-VL checkpoint {path}")

@@ -15,7 +15,7 @@ from flax import nnx
 
 from flashvl_jax.config import ConfigError, LLMConfig
 from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
-from flashvl_jax.weights.hf_io import SafetensorsReader, hf_rope_theta, load_params, read_hf_config
+from flashvl_jax.weights.hf_io import SafetensorsReader, hf_rope_theta, load_hf_module, read_hf_config
 from flashvl_jax.weights.mapping import LINEAR, Rule, Table, WeightMappingError, linear_rules, norm_rules
 
 EMBED_KEY = "model.embed_tokens.weight"
@@ -126,8 +126,8 @@ def load_qwen2(path: str | pathlib.Path, dtype="float32", param_dtype="float32")
   cfg = config_from_hf(read_hf_config(path))
   reader = SafetensorsReader(path)
   check_tied_lm_head(reader, cfg)
-  model = nnx.eval_shape(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return load_params(model, table(cfg), reader, what=f"Qwen2 checkpoint {str(path)!r}")
+  return load_hf_module(lambda: Qwen2ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+                        table(cfg), reader, what=f"Qwen2 checkpoint {str(path)!r}")
 
 
 __all__ = ["check_tied_lm_head", "config_from_hf", "hf_config_from", "table"]

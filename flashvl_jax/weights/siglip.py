@@ -17,7 +17,7 @@ from flax import nnx
 
 from flashvl_jax.config import ConfigError, VisionConfig
 from flashvl_jax.models.siglip import SiglipVisionTower
-from flashvl_jax.weights.hf_io import SafetensorsReader, load_params, read_hf_config
+from flashvl_jax.weights.hf_io import SafetensorsReader, load_hf_module, read_hf_config
 from flashvl_jax.weights.mapping import CONV, Rule, Table, linear_rules, norm_rules, split_linear, split_rows
 
 VISION_PREFIX = "vision_model."
@@ -143,9 +143,8 @@ def load_siglip(path: str | pathlib.Path, *, dtype=jnp.float32, param_dtype=jnp.
   if use_head is not None:
     cfg = dataclasses.replace(cfg, use_head=use_head)
   reader = SafetensorsReader(path)
-  with nnx.use_eager_sharding(False):
-    module = nnx.eval_shape(lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-  return load_params(module, checkpoint_table(cfg, reader.keys()), reader, what=f"SigLIP checkpoint {path}")
+  return load_hf_module(lambda: SiglipVisionTower(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+                        checkpoint_table(cfg, reader.keys()), reader, what=f"SigLIP checkpoint {path}")
 
 
 __all__ = ["checkpoint_table", "config_from_hf", "hf_config_from", "load_siglip", "table"]

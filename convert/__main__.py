@@ -1,0 +1,102 @@
+"""`python -m convert {hf,export,inspect,assemble} ...` (the `flashvl-convert` console script)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Sequence
+
+import convert
+from convert.verify import verify
+from flashvl_jax.config import ConfigError
+from flashvl_jax.weights.hf_io import CheckpointError
+from flashvl_jax.weights.mapping import WeightMappingError
+
+DTYPES = ("bfloat16", "float32", "float16")
+TILING_MODES = ("static", "dynamic", "overlap", "iss")
+# Problems with the user's input: reported as one 'error:' line (or block), exit status 2, no traceback.
+USER_ERRORS = (CheckpointError, ConfigError, WeightMappingError, FileExistsError, FileNotFoundError, ImportError)
+
+
+def parse_size(text: str) -> int:
+  """'5GB', '500MB', '2GiB' or a byte count."""
+  match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+  if not match:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+  number, unit, binary = match.groups()
+  base = 1024 if binary else 1000
+  return int(float(number) * base**" KMGT".index(unit.upper() or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m convert", description=convert.__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  hf = sub.add_parser("hf", help="Hugging Face safetensors -> Orbax model checkpoint")
+  hf.add_argument("src", help="HF directory: model.safetensors or a sharded set with model.safetensors.index.json")
+  hf.add_argument("--out", required=True, help="destination directory (written atomically)")
+  hf.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the source's; float32 if mixed)")
+  hf.add_argument("--verify", action="store_true",
+                  help="run the PyTorch model and ours on a probe input and print the max abs difference")
+
+  export = sub.add_parser("export", help="model checkpoint -> Hugging Face safetensors + config.json")
+  export.add_argument("ckpt", help="a model checkpoint, or a training step directory holding model/")
+  export.add_argument("--out", required=True, help="destination directory (written atomically)")
+  export.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default: as stored)")
+  export.add_argument("--max-shard-size", type=parse_size, default="2GB",
+                      help="split into model-0000i-of-0000n.safetensors above this size; a shard is held in memory "
+                      "while written (default 2GB)")
+
+  inspect = sub.add_parser("inspect", help="describe an HF directory or a model checkpoint")
+  inspect.add_argument("src")
+
+  assemble = sub.add_parser("assemble", help="vision + LLM checkpoints + a fresh adapter -> a new Flash-VL")
+  assemble.add_argument("--vision", required=True, help="HF SigLIP or AIMv2 directory (transformers or Apple layout)")
+  assemble.add_argument("--llm", required=True, help="HF Qwen2ForCausalLM directory")
+  assemble.add_argument("--out", required=True, help="destination directory (written atomically)")
+  assemble.add_argument("--preset", help="model preset for the adapter and tiling (e.g. flashvl-2b-static)")
+  assemble.add_argument("--tiling", choices=TILING_MODES, help="tiling mode (default: the preset's, or by tower)")
+  assemble.add_argument("--adapter-width", type=int, help="adapter intermediate size (default: the preset's)")
+  assemble.add_argument("--dtype", choices=DTYPES,
+                        help="parameter dtype (default: the sources', float32 if they differ)")
+  assemble.add_argument("--seed", type=int, default=0, help="adapter initialisation seed")
+
+  for command in (hf, export, assemble):
+    command.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at the destination")
+    command.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+  return parser
+
+
+def run(args: argparse.Namespace) -> None:
+  if args.command == "hf":
+    out = convert.convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote {out}")
+    if args.verify:
+      print(f"verify: max abs difference to the PyTorch model: {verify(args.src, out):.3e}")
+  elif args.command == "export":
+    out = convert.export_checkpoint(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                                    overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote {out}")
+  elif args.command == "inspect":
+    print(convert.inspect_path(args.src))
+  else:
+    out = convert.assemble(args.vision, args.llm, args.out, preset=args.preset, tiling=args.tiling,
+                           adapter_width=args.adapter_width, dtype=args.dtype, seed=args.seed,
+                           overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote {out}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    run(args)
+  except USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
