@@ -7,6 +7,10 @@ the activation dtype; GQA maps query head h to KV head h // group (HF `repeat_kv
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -73,14 +77,42 @@ class RMSNorm(nnx.Module):
     return (self.scale[...].astype(self.dtype) * y.astype(self.dtype)).astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None) -> jax.Array:
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+_attention_implementation = contextvars.ContextVar("attention_implementation", default="xla")
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str) -> Iterator[None]:
+  """`attention` calls traced inside the block use implementation `name` (see `attention`).
+
+  The choice is read at trace time: make it part of the jit cache key (e.g. a static argument).
+  """
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {name!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
+  token = _attention_implementation.set(name)
+  try:
+    yield
+  finally:
+    _attention_implementation.reset(token)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None,
+              implementation: str | None = None) -> jax.Array:
   """Scaled dot-product attention with grouped KV heads, fp32 softmax.
 
   q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads KV head h // (H // K));
   mask: boolean, broadcastable to [B, H, T, S] (or [B, 1, T, S]); True = attend. A fully masked row
   attends uniformly (as HF's finite `finfo.min` mask does), never NaN.
+  implementation: 'xla' (the portable path below, every platform) or 'cudnn' (cuDNN flash attention via
+    `jax.nn.dot_product_attention`: NVIDIA GPUs, bf16/fp16, head_dim a multiple of 8 up to 128); default:
+    the enclosing `attention_implementation` block, else 'xla'.
   Returns [B, T, H, D] in q's dtype.
   """
+  implementation = implementation or _attention_implementation.get()
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+  if implementation != "xla":
+    raise ValueError(f"unknown attention implementation {implementation!r}; use one of {ATTENTION_IMPLEMENTATIONS}")
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   group = h // kv_heads
