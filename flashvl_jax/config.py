@@ -244,7 +244,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
   parts = dotted.split(".")
   node = data
   for p in parts[:-1]:
-    node = node.setdefault(p, {})
+    if node.get(p) is None:  # a missing or null section (e.g. `lora: null`) gets created
+      node[p] = {}
+    node = node[p]
     if not isinstance(node, dict):
       raise ConfigError(f"override '{dotted}': '{p}' is not a section")
   node[parts[-1]] = value
@@ -256,7 +258,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     if "=" not in item:
       raise ConfigError(f"override {item!r} must look like key=value (e.g. llm.rope_theta=10000)")
     key, raw = item.split("=", 1)
-    _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote regexes "
+                        "with single quotes, e.g. optimizer.trainable=['\\.lora_(a|b)$']") from None
+    _set_dotted(data, key.strip(), value)
   return data
 
 

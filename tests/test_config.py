@@ -33,6 +33,7 @@ def test_full_size_presets_hold_the_published_geometry():
     (["vision.patch_size=7"], "not a multiple of patch_size 7"),
     (["tiling.max_tiles=0"], "tiling.max_tiles must be >= 1"),
     (["no_equals_sign"], "must look like key=value"),
+    (['llm.rope_theta="1e4'], "llm.rope_theta=\"1e4': the value is not valid YAML"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
   with pytest.raises(ConfigError) as err:

@@ -94,6 +94,3 @@ def check_image_placeholders(input_ids: np.ndarray, num_image_tokens: np.ndarray
     rows = ", ".join(f"row {r}: {counts[r]} placeholders vs {expected[r]} image tokens" for r in bad[:5])
     raise ValueError(f"image placeholders do not match the image token counts ({rows}); build inputs with "
                      f"flashvl_jax.preprocess.processor.Processor")
-
-
-FlashVL = FlashVLModel  # TODO(lead): transitional name used by the trainer draft; removed once it imports FlashVLModel

@@ -1,0 +1,218 @@
+"""GRPO (Group Relative Policy Optimisation) on LoRA adapters, with verifiable rewards.
+
+One GRPO step (`GRPOStep`), as in tunix's `GRPOLearner` and DeepSeekMath:
+1. prompts: an ordinary conversation batch from the data pipeline; each row's last assistant answer is held back
+   as the reference answer and the tokens before it are the prompt (`split_prompts`);
+2. rollouts: every prompt is sampled `group_size` times with the sampler (`flashvl_jax.sampling.generate`,
+   temperature / top-k / top-p, `max_new_tokens`), from the current policy (the model with its adapters);
+3. rewards: `rewards.reward_fn(grpo.rewards)` scores each decoded completion against the reference answer;
+   advantages are the rewards normalised within each group, `(r - mean) / (std + 1e-4)` (`group_advantages`);
+4. update(s): `num_iterations` optimizer steps on the rollouts with the clipped surrogate and the k3 KL to the
+   reference policy (the adapters switched off, `lora.lora_enabled(False)`), per completion token t:
+
+       ratio = exp(logp - logp_old),   pg = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
+       kl = exp(logp_ref - logp) - (logp_ref - logp) - 1,   loss = sum_t (pg + kl_coef * kl) / completion tokens
+
+   averaged over all completion tokens of the batch (tunix's "grpo" loss). With one iteration `logp_old` is the
+   current policy itself (ratio 1, gradient of A * logp); with more, it is computed once before the updates.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from flashvl_jax import sampling
+from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.sharding import batch_sharding
+from flashvl_jax.train.config import GRPOConfig
+from flashvl_jax.train.dpo import answer_logps
+from flashvl_jax.train.lora import lora_dropout, lora_enabled
+from flashvl_jax.train.rewards import RewardFn
+from flashvl_jax.train.steps import Objective
+
+if TYPE_CHECKING:
+  from flashvl_jax.api import FlashVL
+  from flashvl_jax.preprocess.tokenizer import Tokenizer
+  from flashvl_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+IMAGE_KEYS = ("pixel_values", "tile_mask", "image_patch_index", "num_image_tokens")
+ADVANTAGE_EPS = 1e-4  # keeps groups with (almost) equal rewards finite; their advantages are ~0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective (pure, jitted)
+
+
+def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
+  """Rewards [P * G] (the G completions of a prompt adjacent) -> `(r - group mean) / (group std + 1e-4)`.
+
+  The std is the unbiased one (ddof 1), as in tunix.
+  """
+  groups = np.asarray(rewards, np.float32).reshape(-1, group_size)
+  centred = groups - groups.mean(axis=1, keepdims=True)
+  return (centred / (groups.std(axis=1, ddof=1, keepdims=True) + ADVANTAGE_EPS)).reshape(-1)
+
+
+def grpo_token_losses(logps: jax.Array, old_logps: jax.Array, ref_logps: jax.Array, advantages: jax.Array, *,
+                      epsilon: float, kl_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(per-token losses [N, K], {"kl", "clipped"} per token) from per-token log-probabilities [N, K]."""
+  ratio = jnp.exp(logps - old_logps)
+  advantages = advantages[:, None]
+  surrogate = jnp.minimum(ratio * advantages, jnp.clip(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+  log_ref_ratio = ref_logps - logps
+  kl = jnp.exp(log_ref_ratio) - log_ref_ratio - 1
+  clipped = (jnp.abs(ratio - 1) > epsilon).astype(jnp.float32)
+  return -surrogate + kl_coef * kl, {"kl": kl, "clipped": clipped}
+
+
+def grpo_sums(model: FlashVLModel, batch: Batch, dropout_key: jax.Array | None = None, *, epsilon: float,
+              kl_coef: float, max_targets: int | None) -> dict[str, jax.Array]:
+  """Sums over the batch's completion tokens: {"loss", "target_tokens" (their count), "kl", "clipped"}; only "loss"
+  has gradients.
+
+  batch: rollout rows (`rollout_rows`) with "advantages" [N] and optionally "old_logps" [N, K].
+  """
+  with lora_enabled(False):
+    ref_logps, _ = answer_logps(model, batch, max_targets)
+  with lora_dropout(dropout_key):
+    logps, weights = answer_logps(model, batch, max_targets)
+  old_logps = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
+  losses, parts = grpo_token_losses(logps, old_logps, jax.lax.stop_gradient(ref_logps), batch["advantages"],
+                                    epsilon=epsilon, kl_coef=kl_coef)
+  total = lambda x: jnp.sum(x * weights)
+  return {"loss": total(losses), "target_tokens": jnp.sum(weights), "kl": jax.lax.stop_gradient(total(parts["kl"])),
+          "clipped": total(parts["clipped"])}
+
+
+def grpo_objective(cfg: GRPOConfig) -> Objective:
+  """GRPO for the shared train step: the token-mean loss over all completion tokens of the rollout rows."""
+  return Objective(lambda model, batch, key: grpo_sums(model, batch, key, epsilon=cfg.epsilon, kl_coef=cfg.kl_coef,
+                                                        max_targets=cfg.max_new_tokens), "target_tokens")
+
+
+def make_logps_fn(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
+                  max_targets: int) -> Callable[[TrainState, Batch], jax.Array]:
+  """The jitted `(state, rollout rows) -> per-token log-probabilities [N, K]` of the current policy."""
+
+  def logps_fn(state: TrainState, batch: Batch) -> jax.Array:
+    return answer_logps(nnx.merge(graphdef, state.params, state.frozen), batch, max_targets)[0]
+
+  return jax.jit(logps_fn, in_shardings=(shardings, batch_sharding(mesh, 1)), out_shardings=batch_sharding(mesh, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollouts (host)
+
+
+def last_answer_start(loss_mask: np.ndarray) -> np.ndarray:
+  """Per row, where its last run of answer tokens begins (-1 for a row without one)."""
+  mask = np.asarray(loss_mask).astype(bool)
+  starts = mask & ~np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+  last = mask.shape[1] - 1 - np.argmax(starts[:, ::-1], axis=1)
+  return np.where(starts.any(axis=1), last, -1)
+
+
+def split_prompts(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> tuple[dict[str, np.ndarray], list[str]]:
+  """A conversation batch -> (prompt rows ending with the assistant header of the last answer, answer texts).
+
+  Raises `ValueError` for a row without an answer (nothing to score a completion against).
+  """
+  starts = last_answer_start(batch["loss_mask"])
+  if (starts < 0).any():
+    raise ValueError(f"rows {np.flatnonzero(starts < 0).tolist()} have no assistant answer; GRPO scores "
+                     "completions against each conversation's last answer")
+  positions = np.arange(batch["input_ids"].shape[1])[None, :]
+  in_prompt = positions < starts[:, None]
+  prompts = {k: batch[k] for k in IMAGE_KEYS}
+  prompts["input_ids"] = np.where(in_prompt, batch["input_ids"], tokenizer.pad_id).astype(np.int32)
+  prompts["attention_mask"] = (in_prompt & batch["attention_mask"].astype(bool)).astype(np.int32)
+  answer_mask = ~in_prompt & batch["loss_mask"].astype(bool)
+  answers = [tokenizer.decode(ids[m].tolist()) for ids, m in zip(batch["input_ids"], answer_mask)]
+  return prompts, answers
+
+
+def rollout_rows(prompts: dict[str, np.ndarray], completions: Sequence[Sequence[int]], advantages: np.ndarray,
+                 *, max_new_tokens: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Model rows [N, L + max_new_tokens]: each prompt's real tokens, then its completion (scored), then padding.
+
+  prompts: the N prompt rows (right-padded, as `split_prompts` gives them, already repeated per completion).
+  """
+  rows, length = prompts["input_ids"].shape
+  width = length + max_new_tokens
+  input_ids = np.full((rows, width), pad_id, np.int32)
+  attention_mask = np.zeros((rows, width), np.int32)
+  loss_mask = np.zeros((rows, width), np.int32)
+  for row, (ids, mask, completion) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"], completions)):
+    prompt = ids[mask.astype(bool)]
+    end = len(prompt) + len(completion)
+    input_ids[row, :end] = np.concatenate([prompt, np.asarray(completion, np.int32)])
+    attention_mask[row, :end] = 1
+    loss_mask[row, len(prompt):end] = 1
+  out = {k: prompts[k] for k in IMAGE_KEYS}
+  return out | {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+                "advantages": np.asarray(advantages, np.float32)}
+
+
+def repeat_rows(arrays: dict[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
+  """Every row `times` times in a row (a prompt's group of completions stays adjacent)."""
+  return {k: np.repeat(v, times, axis=0) for k, v in arrays.items()}
+
+
+def sample_seed(seed: int, step: int) -> int:
+  """The sampler's seed for a step: different every step, the same when a run is repeated or resumed."""
+  return int(np.random.default_rng((seed, step)).integers(2**31))
+
+
+class GRPOStep:
+  """`(state, conversation batch) -> (state, metrics)`: rollouts, rewards, advantages and the update(s).
+
+  policy: a `FlashVL` whose module has the structure of `graphdef`; its variables are set from the state before
+  sampling, so rollouts come from the current policy. The batch is this process's rows (host arrays).
+  """
+
+  def __init__(self, policy: FlashVL, train_step: Callable, logps_fn: Callable | None, cfg: GRPOConfig,
+               reward: RewardFn, to_device: Callable[[dict[str, np.ndarray]], Batch]):
+    if jax.process_count() > 1:
+      raise NotImplementedError("GRPO rollouts run on one process; multi-host GRPO is not supported yet")
+    if cfg.num_iterations > 1 and logps_fn is None:
+      raise ValueError("grpo.num_iterations > 1 needs logps_fn (make_logps_fn) for the old policy's log-probs")
+    self.policy, self.train_step, self.logps_fn = policy, train_step, logps_fn
+    self.cfg, self.reward, self.to_device = cfg, reward, to_device
+
+  def rollout(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """(rollout rows with advantages, rollout metrics) for the prompts of `batch`, sampled from `state`."""
+    cfg, tokenizer = self.cfg, self.policy.tokenizer
+    nnx.update(self.policy.module, state.params, state.frozen)
+    prompts, answers = split_prompts(batch, tokenizer)
+    prompts = repeat_rows(prompts, cfg.group_size)
+    completions = sampling.generate(self.policy, input_ids=prompts["input_ids"],
+                                    attention_mask=prompts["attention_mask"], pixel_values=prompts["pixel_values"],
+                                    image_patch_index=prompts["image_patch_index"],
+                                    max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+                                    top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed(cfg.seed, int(state.step)))
+    texts = [tokenizer.decode(c) for c in completions]
+    rewards = np.asarray([self.reward(t, a) for t, a in zip(texts, np.repeat(answers, cfg.group_size))], np.float32)
+    advantages = group_advantages(rewards, cfg.group_size)
+    rows = rollout_rows(prompts, completions, advantages, max_new_tokens=cfg.max_new_tokens, pad_id=tokenizer.pad_id)
+    spread = rewards.reshape(-1, cfg.group_size).std(axis=1) > 0
+    metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "groups_with_signal": float(spread.mean()),
+               "completion_length": float(np.mean([len(c) for c in completions]))}
+    return rows, metrics
+
+  def __call__(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
+    rows, rollout_metrics = self.rollout(state, batch)
+    device_rows = self.to_device(rows)
+    if self.cfg.num_iterations > 1:
+      device_rows["old_logps"] = self.logps_fn(state, device_rows)
+    for _ in range(self.cfg.num_iterations):
+      state, metrics = self.train_step(state, device_rows)
+    return state, {**{k: float(v) for k, v in jax.device_get(metrics).items()}, **rollout_metrics}
+

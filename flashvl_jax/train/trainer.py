@@ -1,0 +1,239 @@
+"""The Flash-VL trainer, top to bottom: config -> mesh -> model -> data -> jitted step -> eval -> checkpoints.
+
+`train(cfg)` runs one stage with one objective: SFT (stages 1-4, SFT-LoRA), DPO (stage 5) or GRPO. The steps
+live in `steps` (shared), `dpo` and `grpo` (their objectives). Parameters are float32 (master weights); the
+model computes in `model.compute_dtype`. With a `lora` section, adapters are added before training and merged
+into the saved model. Every process feeds its own slice of the batch; only process 0 logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import pathlib
+from typing import Any
+
+import jax
+import yaml
+from flax import nnx
+from jax.sharding import Mesh
+
+from flashvl_jax import checkpoint
+from flashvl_jax.api import FlashVL
+from flashvl_jax.config import to_dict
+from flashvl_jax.data.pipeline import make_dataset
+from flashvl_jax.data.sources import JsonSource
+from flashvl_jax.data.synthetic import SyntheticPreferences, SyntheticVQA
+from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.preprocess.processor import Processor
+from flashvl_jax.preprocess.tokenizer import load_tokenizer
+from flashvl_jax.sharding import create_sharded, make_mesh
+from flashvl_jax.train import flops
+from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
+from flashvl_jax.train.dpo import check_lora_only, dpo_objective
+from flashvl_jax.train.evaluation import generation_accuracy, show_answers
+from flashvl_jax.train.grpo import GRPOStep, grpo_objective, make_logps_fn
+from flashvl_jax.train.lora import add_lora, merge_lora
+from flashvl_jax.train.losses import check_max_targets
+from flashvl_jax.train.metrics import MetricsLogger, Throughput
+from flashvl_jax.train.optimizer import check_patterns, make_optimizer, make_schedule, path_name
+from flashvl_jax.train.rewards import reward_fn
+from flashvl_jax.train.state import Checkpointer, TrainState, apply_remat, create_train_state
+from flashvl_jax.train.steps import Objective, evaluate, make_eval_step, make_train_step, sft_objective, to_global
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def initialize_distributed(cfg: DistributedConfig) -> None:
+  """`jax.distributed.initialize` for a multi-host run (a coordinator address, or `auto` detection)."""
+  if cfg.coordinator_address is None and not cfg.auto:
+    return
+  jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
+                             initialization_timeout=cfg.initialization_timeout_s,
+                             heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+
+
+def build_model(cfg: ModelConfig, mesh: Mesh, lora: LoraConfig | None = None) -> FlashVLModel:
+  """The model with float32 parameters laid out on `mesh`: random from the preset, or loaded from `cfg.init`;
+  with LoRA adapters when `lora` is given.
+
+  Call it outside `jax.set_mesh`, where `nnx.eval_shape` would resolve the logical axis names itself.
+  """
+  if cfg.init is None:
+    model_cfg = cfg.flashvl_config()
+    model = create_sharded(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
+  else:
+    loaded, _ = checkpoint.load_model(cfg.init, dtype="float32", mesh=mesh)
+    model_cfg = cfg.flashvl_config(loaded.config)  # computes in compute_dtype, same parameters
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0)))),
+                      nnx.state(loaded))
+  if lora is not None:
+    add_lora(model, lora)
+  apply_remat(model, cfg.remat)
+  return model
+
+
+def make_objective(cfg: TrainConfig) -> Objective:
+  if cfg.objective == "dpo":
+    return dpo_objective(cfg.dpo, cfg.max_target_tokens)
+  if cfg.objective == "grpo":
+    return grpo_objective(cfg.grpo)
+  return sft_objective(cfg.max_target_tokens)
+
+
+@dataclasses.dataclass
+class Datasets:
+  train: Any  # grain IterDataset of this process's batches, repeating
+  eval: Any | None  # finite grain IterDataset, or None
+  eval_batches: int  # batches every process reads per eval
+  eval_batch_size: int  # per process
+  train_size: int
+  eval_records: Any | None  # the eval source, for generation (conversations)
+
+
+def build_data(cfg: TrainConfig, processor: Processor) -> Datasets:
+  """This process's train and eval pipelines; the global batch is split evenly over processes."""
+  d = cfg.data
+  if d.source == "synthetic":
+    view = SyntheticPreferences if cfg.objective == "dpo" else lambda vqa: vqa
+    train_src = view(SyntheticVQA(d.train_size, "train", d.synthetic))
+    eval_src = view(SyntheticVQA(d.eval_size, "eval", d.synthetic)) if d.eval_size else None
+  else:  # conversations, or preference pairs for DPO (`data.sources` tells them apart)
+    train_src = JsonSource(d.path, d.image_root)
+    eval_src = JsonSource(d.eval_path, d.image_root) if d.eval_path else None
+  processes = jax.process_count()
+  if cfg.global_batch_size % processes:
+    raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by {processes} processes")
+  common = dict(num_threads=d.num_threads, num_workers=d.num_workers, packing=d.packing,
+                bad_sample_policy=d.bad_sample_policy)
+  train = make_dataset(train_src, processor, batch_size=cfg.global_batch_size // processes, seed=d.seed,
+                       shuffle=d.shuffle, num_epochs=None, prefetch=d.prefetch, **common)
+  eval_ds, eval_batches, eval_batch = None, 0, 0
+  if eval_src is not None:
+    eval_batch = (cfg.eval.batch_size or cfg.global_batch_size) // processes
+    eval_ds = make_dataset(eval_src, processor, batch_size=eval_batch, shuffle=False, num_epochs=1,
+                           drop_remainder=False, **common)
+    eval_batches = math.ceil((len(eval_src) // processes) / eval_batch)  # the same count on every process
+  records = eval_src if cfg.objective != "dpo" else None
+  return Datasets(train, eval_ds, eval_batches, eval_batch, len(train_src), records)
+
+
+def trainable_components(params: nnx.State) -> dict[str, bool]:
+  """Which of vit / adp / llm hold a trainable parameter (for the FLOP count)."""
+  names = [path_name(p) for p, _ in nnx.to_flat_state(params)]
+  return {c: any(n.startswith(c + ".") for n in names) for c in flops.COMPONENTS}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+  """Runs a training stage. Returns `{"step", "train": last metrics, "eval": final eval or None, "model": FlashVL}`."""
+  initialize_distributed(cfg.distributed)
+  mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+  model = build_model(cfg.model, mesh, cfg.lora)
+  with jax.set_mesh(mesh):  # activation sharding constraints resolve against it
+    return _train(cfg, mesh, model, resume)
+
+
+def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
+  out = pathlib.Path(cfg.output_dir)
+  check_patterns(model, cfg.optimizer.trainable)
+  processor = Processor(model.config, load_tokenizer(cfg.data.tokenizer), max_length=cfg.data.max_length)
+  data = build_data(cfg, processor)
+  total_steps = cfg.steps or cfg.epochs * data.train_size // cfg.global_batch_size
+  schedule = make_schedule(cfg.optimizer, total_steps)
+  tx = make_optimizer(cfg.optimizer, schedule)
+  graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh)
+  if cfg.objective != "sft":
+    check_lora_only(state.params, cfg.objective.upper())
+  model_cfg = model.config
+  objective = make_objective(cfg)
+  train_step = make_train_step(graphdef, tx, schedule, shardings, mesh, objective,
+                               grad_accum_steps=cfg.grad_accum_steps, dropout_seed=cfg.model.seed)
+  run_step = lambda state, local: host_metrics(*train_step(state, to_global(local, mesh)))
+  eval_step = None
+  if cfg.objective == "grpo":  # rollouts from the current policy, then the update; eval is by generation
+    policy = FlashVL(model, processor, mesh)
+    run_step = GRPOStep(policy, train_step, make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens),
+                        cfg.grpo, reward_fn(cfg.grpo.rewards), lambda rows: to_global(rows, mesh))
+  elif data.eval is not None:
+    eval_step = make_eval_step(graphdef, shardings, mesh, objective)
+  del model  # its arrays live on in `state`
+  run_eval = lambda state: evaluate(eval_step, objective, state, itertools.islice(iter(data.eval), data.eval_batches),
+                                    mesh)
+
+  checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
+  train_iter = iter(data.train)
+  latest = checkpointer.latest_step()
+  if latest is not None and not resume:
+    raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoint step {latest}; pass --resume to "
+                          "continue it, or choose another output_dir")
+  if latest is not None:
+    state = checkpointer.restore(latest, state, shardings, train_iter)
+  start = int(state.step)
+  if is_main:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+  logger = MetricsLogger(out, total_steps, start, enabled=is_main)
+  if latest is not None:
+    logger.print(f"resumed from checkpoint step {latest}")
+
+  trains = trainable_components(state.params)
+  throughput = Throughput(
+      lambda m: flops.train_step_flops(model_cfg, trains, tiles=m["tiles"], image_tokens=m["image_tokens"],
+                                       tokens=m["tokens"], sum_sq_lengths=m["sum_sq_lengths"],
+                                       lm_head_tokens=m["target_tokens"] if cfg.max_target_tokens else None),
+      jax.device_count(), cfg.metrics.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0].device_kind))
+  metrics: dict[str, float] = {}
+  for step in range(start + 1, total_steps + 1):
+    local = next(train_iter)
+    if cfg.objective != "grpo":
+      for key in (k for k in local if k.endswith("loss_mask")):
+        check_max_targets(local[key], cfg.max_target_tokens)
+    state, metrics = run_step(state, local)
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+      checkpointer.wait()
+      logger.close()
+      raise NonFiniteLossError(
+          f"the loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; stopped without "
+          f"saving it. The last good checkpoint is step {checkpointer.latest_step()} in {out / 'checkpoints'} "
+          "(lower the learning rate and --resume)")
+    metrics.update(throughput(metrics))
+    logger.progress(step, metrics)
+    if step % cfg.metrics.log_every_steps == 0 or step == total_steps:
+      logger.write(step, metrics)
+    if eval_step is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+      logger.write(step, run_eval(state), prefix="eval")
+    if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+      checkpointer.save(step, state, train_iter)
+  checkpointer.wait()
+  checkpointer.close()
+
+  module = nnx.merge(graphdef, state.params, state.frozen)
+  if cfg.lora is not None:
+    module = merge_lora(module)
+  checkpoint.save_model(out / "model", module, metadata={"step": total_steps, "run": cfg.name}, overwrite=True)
+  model = FlashVL(module, processor, mesh)
+  final = run_eval(state) if eval_step is not None else {}
+  single = jax.process_count() == 1  # the sampler runs in one process
+  if data.eval_records is not None and cfg.eval.accuracy and single:
+    final["accuracy"] = generation_accuracy(model, data.eval_records, batch_size=data.eval_batch_size,
+                                            max_new_tokens=cfg.eval.max_new_tokens)
+  if final:
+    logger.write(total_steps, final, prefix="eval")
+    logger.print("eval " + ", ".join(f"{k}: {v:.4g}" for k, v in final.items()))
+    if cfg.objective == "dpo":
+      logger.print(f"eval preference accuracy: {final['reward_accuracy']:.2f}")
+    elif "accuracy" in final or "answer_accuracy" in final:
+      logger.print(f"eval accuracy: {final.get('accuracy', final.get('answer_accuracy')):.2f}")
+  if data.eval_records is not None and cfg.demo_questions and single:
+    show_answers(model, data.eval_records, cfg.demo_questions, cfg.eval.max_new_tokens, logger.print)
+  logger.print(f"model checkpoint: {out / 'model'}")
+  logger.close()
+  return {"step": total_steps, "train": metrics, "eval": final or None, "model": model}
+
+
+def host_metrics(state: TrainState, metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, float]]:
+  return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
