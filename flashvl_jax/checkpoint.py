@@ -447,8 +447,9 @@ class CheckpointInfo:
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-  """`path` itself, or the model checkpoint of a training step directory (`<step>/model`)."""
-  path = pathlib.Path(path)
+  """`path` itself (made absolute: Orbax needs that), or the model checkpoint of a training step directory
+  (`<step>/model`)."""
+  path = pathlib.Path(path).absolute()
   if path.name.endswith(STAGING_SUFFIX) or (path / WRITER_FILE).exists():
     raise CheckpointError(f"{path} is an incomplete checkpoint (its write was interrupted); rerun the conversion "
                           "or save that produced it")

@@ -146,6 +146,16 @@ def test_dtype_cast_at_restore(tiny):
     np.testing.assert_array_equal(np.asarray(value), np.asarray(fp32[name]).astype(jnp.bfloat16), err_msg=name)
 
 
+def test_relative_path_loads(tiny, monkeypatch):
+  """`FlashVL.from_pretrained("runs/demo/model")` from the working directory (Orbax itself wants absolute paths)."""
+  _, _, ckpt = tiny
+  monkeypatch.chdir(ckpt.parent)
+  model, _ = checkpoint.load_model(ckpt.name)
+  expected = param_arrays(checkpoint.load_model(ckpt)[0])
+  for name, value in param_arrays(model).items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
+
+
 def test_training_step_directory_loads_and_exports(tiny, tmp_path):
   """A trainer's step directory holds `model/` (save_model); load_model and export accept the step directory."""
   _, hf_dir, ckpt = tiny

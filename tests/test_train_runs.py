@@ -133,3 +133,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                      r"step 1"):
     train(cfg)
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if re.fullmatch(r"\d+", p.name)) == [1]
+
+
+def test_demo_command_trains_reports_accuracy_and_answers(tmp_path):
+  """The README's first command (`python -m flashvl_jax.train`, no config: the demo), cut to a few steps: it trains,
+  prints `eval accuracy: 0.NN` and answers questions; a second run in the same folder starts over."""
+  cmd = [sys.executable, "-m", "flashvl_jax.train", "steps=3", "eval.every_steps=0", "data.eval_size=16",
+         "demo_questions=2", f"output_dir={tmp_path}"]
+  for _ in range(2):
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"^eval accuracy: [01]\.\d\d$", run.stdout, re.M), run.stdout
+    assert len(re.findall(r"^Q: .+  A: .*  \(expected: .+\)$", run.stdout, re.M)) == 2, run.stdout
+    assert records(tmp_path)[-1]["step"] == 3

@@ -100,6 +100,8 @@ class CheckpointConfig:
   every_steps: int = 1000  # also at the end of the run
   keep: int = 3  # most recent checkpoints kept
   async_save: bool = True
+  restart: bool = False  # output_dir already holds checkpoints: delete them and start over instead of refusing
+  # (without --resume); the demo does this so that it can be run again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,8 +240,8 @@ class TrainConfig:
     if self.objective != "sft" and self.lora is None:
       raise ConfigError(f"objective {self.objective!r} needs a lora section: its reference policy is the model with "
                         "the adapters switched off (see configs/train/stage5_dpo.yaml)")
-    if self.objective == "dpo" and self.data.packing:
-      raise ConfigError("data.packing is for SFT conversations; set it to false for objective 'dpo'")
+    if self.objective != "sft" and self.data.packing:
+      raise ConfigError(f"data.packing is for SFT conversations; set it to false for objective {self.objective!r}")
 
 
 def load_train_config(name_or_path: str | pathlib.Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:

@@ -50,6 +50,8 @@ class MetricsLogger:
       shown["TFLOP/s/dev"] = f"{metrics['tflops_per_device']:.3f}"
     self.bar.set_postfix(shown, refresh=False)
     self.bar.update(step - self.bar.n)
+    if self.bar.n >= self.bar.total:
+      self.bar.close()  # done: what is printed next (eval, answers) goes below it, not around a redrawn bar
 
   def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
     """One JSONL record `{"step", "<prefix>/<name>": value, ...}` and the same scalars in TensorBoard."""

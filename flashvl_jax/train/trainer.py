@@ -12,11 +12,13 @@ import dataclasses
 import itertools
 import math
 import pathlib
+import shutil
 from typing import Any
 
 import jax
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flashvl_jax import checkpoint
@@ -164,12 +166,16 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
   run_eval = lambda state: evaluate(eval_step, objective, state, itertools.islice(iter(data.eval), data.eval_batches),
                                     mesh)
 
+  if cfg.checkpoint.restart and not resume:
+    if is_main:
+      shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    multihost_utils.sync_global_devices("checkpoints deleted")
   checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
   train_iter = iter(data.train)
   latest = checkpointer.latest_step()
   if latest is not None and not resume:
     raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoint step {latest}; pass --resume to "
-                          "continue it, or choose another output_dir")
+                          "continue it, checkpoint.restart=true to start over, or choose another output_dir")
   if latest is not None:
     state = checkpointer.restore(latest, state, shardings, train_iter)
   start = int(state.step)
