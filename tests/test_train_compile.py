@@ -28,3 +28,13 @@ def test_compile_only_cli_rejects_an_unknown_topology():
                        capture_output=True, text=True, timeout=300)
   assert run.returncode != 0
   assert "v9z:1x1" in run.stderr
+
+
+def test_flags_may_sit_between_the_config_and_its_overrides():
+  from flashvl_jax.train.__main__ import parse_args
+  args = parse_args(["stage2_full", "--compile-only", "--topology", "v5e:2x4", "data.path=x.jsonl", "steps=3"])
+  assert (args.config, args.compile_only, args.topology) == ("stage2_full", True, "v5e:2x4")
+  assert args.overrides == ["data.path=x.jsonl", "steps=3"]
+  args = parse_args(["steps=3", "--resume", "--process-id", "1", "data.path=y.jsonl"])
+  assert args.config == "demo" and args.resume
+  assert args.overrides == ["steps=3", "data.path=y.jsonl", "distributed.process_id=1"]

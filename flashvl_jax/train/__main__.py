@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
   parser.add_argument("--num-processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
   parser.add_argument("--process-id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
-  args = parser.parse_args(argv)
+  args = parser.parse_intermixed_args(argv)  # flags may sit between the config and its overrides
   if "=" in args.config:  # `python -m flashvl_jax.train steps=10`: overrides of the demo
     args.overrides.insert(0, args.config)
     args.config = "demo"

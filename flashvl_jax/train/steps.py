@@ -93,14 +93,17 @@ def accumulate_gradients(sums_fn: Callable, params: nnx.State, frozen: nnx.State
   Micro-batch i gets the dropout key `fold_in(key, i)`.
   """
 
-  def loss(params, micro, key):
+  def loss(params, frozen, micro, key):
     sums = sums_fn(params, frozen, micro, key)
     return sums["loss"], sums
 
   def add(carry, xs):
     grads, totals = carry
     index, micro = xs
-    (_, sums), g = jax.value_and_grad(loss, has_aux=True)(params, micro, jax.random.fold_in(key, index))
+    # Tying the weights to the micro-batch keeps XLA from hoisting their FSDP all-gathers out of the loop, which
+    # would hold every layer's gathered weights for the whole step (docs/training.md, "TPU fit").
+    weights, fixed, micro = jax.lax.optimization_barrier((params, frozen, micro))
+    (_, sums), g = jax.value_and_grad(loss, has_aux=True)(weights, fixed, micro, jax.random.fold_in(key, index))
     grads = jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads, g)
     return (grads, jax.tree.map(jnp.add, totals, sums)), None
 
