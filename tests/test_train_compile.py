@@ -1,10 +1,11 @@
 """`--compile-only`: the tiny config's train step and sampler compile for a TPU v5e 2x2 slice on this CPU host
 (libtpu from the `test` extra compiles for TPU targets without a TPU)."""
 
+import os
 import subprocess
 import sys
 
-from flashvl_jax.train.compile import compile_for_topology
+from flashvl_jax.train.compile import compile_for_topology, topology_devices
 from flashvl_jax.train.config import load_train_config
 
 
@@ -23,11 +24,25 @@ def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(capsys):
   assert 0.5 < train["xla_tflops_per_device"] / train["model_tflops_per_device"] < 2
 
 
+def compile_only_cli(topology: str, **env: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "flashvl_jax.train", "tiny", "--compile-only", "--topology", topology],
+                        capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+
+
 def test_compile_only_cli_rejects_an_unknown_topology():
-  run = subprocess.run([sys.executable, "-m", "flashvl_jax.train", "tiny", "--compile-only", "--topology", "v9z:1x1"],
-                       capture_output=True, text=True, timeout=300)
-  assert run.returncode != 0
-  assert "v9z:1x1" in run.stderr
+  # libtpu is loaded in this process (below, and by the test above); the flag lets the child load it too
+  topology_devices("v5e:2x2")
+  run = compile_only_cli("v9z:1x1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  assert run.returncode == 2
+  assert "cannot build TPU topology 'v9z:1x1'" in run.stderr and "GENERATION:SHAPE" in run.stderr
+  assert "lockfile" not in run.stderr
+
+
+def test_compile_only_cli_says_when_libtpu_is_busy():
+  topology_devices("v5e:2x2")  # this process holds libtpu's host lock
+  run = compile_only_cli("v5e:2x2")
+  assert run.returncode == 2
+  assert "libtpu is in use by another process" in run.stderr and "ALLOW_MULTIPLE_LIBTPU_LOAD=1" in run.stderr
 
 
 def test_flags_may_sit_between_the_config_and_its_overrides():

@@ -46,6 +46,9 @@ def topology_devices(topology: str) -> list[Any]:
   try:
     return list(topologies.get_topology_desc(topology, "tpu").devices)
   except Exception as e:  # libtpu reports a bad name in many ways
+    if "lockfile" in str(e):  # another process on this host has libtpu loaded
+      raise ConfigError("libtpu is in use by another process on this host; wait for it to finish, or set "
+                        "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from e
     raise ConfigError(f"cannot build TPU topology {topology!r} ({e}); write it as GENERATION:SHAPE, e.g. v5e:2x4, "
                      "v5e:4x4, v4:2x2x2, v5p:2x2x2, v6e:4x4") from e
 
