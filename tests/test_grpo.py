@@ -19,7 +19,7 @@ from flashvl_jax.preprocess.tokenizer import load_tokenizer
 from flashvl_jax.sharding import make_mesh
 from flashvl_jax.train import grpo, lora, rewards
 from flashvl_jax.train.losses import select_targets
-from flashvl_jax.train.config import GRPOConfig, LoraConfig
+from flashvl_jax.train.config import GRPOConfig, LoraConfig, load_train_config
 from flashvl_jax.train.state import create_train_state
 from flashvl_jax.train.steps import make_train_step, sft_objective, to_global
 
@@ -103,6 +103,10 @@ def test_prompts_and_rollout_rows(processor):
     grpo.split_prompts(dict(batch, loss_mask=np.zeros_like(batch["loss_mask"])), tokenizer)
   with pytest.raises(ConfigError, match="group_size"):
     GRPOConfig(group_size=1)
+  for launch in (["distributed.num_processes=2"], ["distributed.auto=true"]):  # refused before anything is built
+    with pytest.raises(ConfigError, match="'grpo' runs in one process"):
+      load_train_config("grpo", ["data.path=p.jsonl", *launch])
+  load_train_config("grpo", ["data.path=p.jsonl", "distributed.num_processes=1"])
 
 
 def test_grpo_raises_the_reward(cfg, processor):

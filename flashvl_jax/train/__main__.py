@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
   from flashvl_jax.train.trainer import NonFiniteLossError, train
   try:
     train(cfg, resume=args.resume)
+  except ConfigError as e:  # found once the model or data is in hand (e.g. a trainable regex that matches nothing)
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
   except NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -242,6 +242,9 @@ class TrainConfig:
                         "the adapters switched off (see configs/train/stage5_dpo.yaml)")
     if self.objective != "sft" and self.data.packing:
       raise ConfigError(f"data.packing is for SFT conversations; set it to false for objective {self.objective!r}")
+    if self.objective == "grpo" and (self.distributed.auto or (self.distributed.num_processes or 1) > 1):
+      raise ConfigError("objective 'grpo' runs in one process (the sampler does not gather rollouts across hosts "
+                        "yet); launch it on one host without distributed settings")
 
 
 def load_train_config(name_or_path: str | pathlib.Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:
