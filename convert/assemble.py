@@ -21,7 +21,7 @@ from flashvl_jax.models.adapter import Adapter
 from flashvl_jax.models.layers import to_dtype
 from flashvl_jax.preprocess.tiling import max_image_tokens
 from flashvl_jax.weights import qwen2 as qwen2_weights
-from flashvl_jax.weights.hf_io import param_shapes
+from flashvl_jax.weights.hf_io import param_dtypes, param_shapes
 from flashvl_jax.weights.mapping import run_import
 
 
@@ -75,8 +75,9 @@ def assemble(vision_path: str | pathlib.Path, llm_path: str | pathlib.Path, out:
   adapter = nnx.jit(lambda: Adapter(cfg.adapter, cfg.vision.hidden_size, cfg.llm.hidden_size, dtype=to_dtype(dtype),
                                     param_dtype=to_dtype(dtype), rngs=nnx.Rngs(seed)))()
   adapter_tensors = [(f"adp.{name}", np.asarray(value)) for name, (_, value) in checkpoint.flat_params(adapter).items()]
-  tensors = itertools.chain(run_import(vision_steps, vision.reader.get), adapter_tensors,
-                            run_import(llm_steps, llm.reader.get))
+  dtypes = param_dtypes(module)
+  tensors = itertools.chain(run_import(vision_steps, vision.reader.get, dtypes), adapter_tensors,
+                            run_import(llm_steps, llm.reader.get, dtypes))
   metadata = {"source": {"vision": str(vision.path), "llm": str(llm.path)},
               "source_dtype": {"vision": vision.source_dtype, "llm": llm.source_dtype}, "hf_layout": vision.layout,
               "tied": cfg.llm.tie_word_embeddings, "image_token_num": max_image_tokens(cfg), "adapter_seed": seed}

@@ -27,7 +27,7 @@ from flashvl_jax.weights import aimv2 as aimv2_weights
 from flashvl_jax.weights import flashvl as flashvl_weights
 from flashvl_jax.weights import qwen2 as qwen2_weights
 from flashvl_jax.weights.hf_io import INDEX_FILE, SINGLE_FILE, param_shapes
-from flashvl_jax.weights.mapping import Table, run_export
+from flashvl_jax.weights.mapping import ExportStep, Table, run_export
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # a shard is held in memory while it is written
 DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4.x / 5.x spellings
@@ -93,11 +93,16 @@ def hf_config(info: checkpoint.CheckpointInfo, dtype: str) -> dict[str, Any]:
   return _overlay(info.metadata.get("hf_config"), ours, dtype)
 
 
-def _shards(plan: list, sizes: Mapping[str, int], max_bytes: int) -> list[list]:
+def _step_bytes(step: ExportStep, sizes: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]) -> int:
+  """Bytes of the HF tensor `step` writes (one layer's slice of a stacked leaf)."""
+  return sum(sizes[p] // (shapes[p][0] if step.index is not None else 1) for p in step.our_paths)
+
+
+def _shards(plan: list[ExportStep], nbytes_of, max_bytes: int) -> list[list[ExportStep]]:
   """The export plan cut into consecutive groups of at most `max_bytes` (a larger tensor gets its own)."""
   shards, current, current_bytes = [], [], 0
   for entry in plan:
-    nbytes = sum(sizes[p] for p in entry[2])
+    nbytes = nbytes_of(entry)
     if current and current_bytes + nbytes > max_bytes:
       shards.append(current)
       current, current_bytes = [], 0
@@ -138,7 +143,8 @@ def export_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtyp
   shapes = param_shapes(state)
   sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, shape in shapes.items()}
   plan = export_table(info).plan_export(shapes)
-  shards = _shards(plan, sizes, max_shard_bytes)
+  nbytes_of = lambda step: _step_bytes(step, sizes, shapes)
+  shards = _shards(plan, nbytes_of, max_shard_bytes)
   names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                   for i in range(len(shards))]
   weight_map, written = {}, 0
@@ -147,9 +153,10 @@ def export_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtyp
        progress_bar(sum(sizes.values()), f"export -> {pathlib.Path(out).name}", progress) as bar:
     for name, shard in zip(names, shards):
       tensors = {}
-      for group in _shards(shard, sizes, checkpoint.CHUNK_BYTES):  # restored a little at a time
-        arrays = _restore_subset(info, state, {p for entry in group for p in entry[2]}, dtype)
-        converted = dict(run_export(group, lambda path: np.asarray(arrays.pop(path))))
+      for group in _shards(shard, nbytes_of, checkpoint.CHUNK_BYTES):  # restored a little at a time
+        arrays = _restore_subset(info, state, {p for step in group for p in step.our_paths}, dtype)
+        converted = dict(run_export(group, lambda path: np.asarray(arrays[path])))
+        del arrays
         tensors.update(converted)
         written += len(converted)
         bar.update(sum(t.nbytes for t in converted.values()))

@@ -7,7 +7,7 @@ import pathlib
 import tqdm
 
 from flashvl_jax import checkpoint
-from flashvl_jax.weights.hf_io import param_shapes
+from flashvl_jax.weights.hf_io import param_dtypes, param_shapes
 from flashvl_jax.weights.mapping import run_import
 
 
@@ -29,5 +29,5 @@ def convert_hf(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str |
   steps = hf.table.plan_import(hf.reader.shapes(), param_shapes(module), what=f"checkpoint {src}")
   total = sum(v.dtype.itemsize * v.size for _, v in checkpoint.flat_params(module).values())
   with progress_bar(total, f"{hf.architecture} -> {pathlib.Path(dst).name}", progress) as bar:
-    return checkpoint.write_model(dst, module, run_import(steps, hf.reader.get), metadata=hf.metadata(),
+    return checkpoint.write_model(dst, module, run_import(steps, hf.reader.get, param_dtypes(module)), metadata=hf.metadata(),
                                   files=checkpoint.aux_files(src), overwrite=overwrite, progress=bar)

@@ -78,8 +78,8 @@ def inspect_checkpoint(path: pathlib.Path) -> list[str]:
   hf_keys = {}
   problems = []
   try:
-    for hf_key, _, paths in export_table(info).plan_export(shapes):
-      hf_keys.update({p: hf_key for p in paths})
+    for step in export_table(info).plan_export(shapes):
+      hf_keys.update({p: step.hf_key if step.index is None else step.rule.hf for p in step.our_paths})
   except WeightMappingError as e:
     problems.append(str(e))
   lines.append("tensors:")

@@ -29,6 +29,7 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -42,6 +43,7 @@ from PIL import Image
 from flashvl_jax import sampling
 from flashvl_jax.api import FlashVL
 from flashvl_jax.chat import default_dtype
+from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import FlashVLConfig, load_config
 from flashvl_jax.preprocess.image import normalize
 from flashvl_jax.preprocess.processor import Processor
@@ -233,29 +235,49 @@ def torch_inputs(batch: dict[str, np.ndarray], kind: str, dtype, device) -> Torc
 
 
 def torch_generation(ref, inputs: TorchInputs, new_tokens: int, repeats: int) -> dict[str, Any]:
-  """TTFT (a 1-token generate) and total (a `new_tokens` generate) of transformers, medians of `repeats`."""
+  """TTFT, TPOT and total of transformers, all from one `new_tokens` generate per run (medians of `repeats`).
+
+  A logits processor stamps the time each step's logits are ready (after a device sync): the first stamp ends the
+  TTFT (image encoding + prefill), the rest of the run divided by the remaining tokens is the TPOT, so neither can
+  come out negative.
+  """
   import torch
+  from transformers import LogitsProcessor, LogitsProcessorList
 
   device = inputs.input_ids.device
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-  def generate(n: int):
+  class Stamps(LogitsProcessor):
+
+    def __init__(self):
+      self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+      sync()
+      self.times.append(time.perf_counter())
+      return scores
+
+  def run() -> tuple[float, float, Any]:
+    stamps = Stamps()
+    start = time.perf_counter()
     with torch.inference_mode():
       embeds = torch_embed(ref, inputs.input_ids, inputs.pixel_values, inputs.image_patch_index)
       out = ref.llm.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, do_sample=False,
-                             max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+                             max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([stamps]))
     sync()
-    if out.shape[1] != n:
-      raise RuntimeError(f"transformers generated {out.shape[1]} tokens instead of {n}")
-    return out
+    total = time.perf_counter() - start
+    if out.shape[1] != new_tokens or len(stamps.times) != new_tokens:
+      raise RuntimeError(f"transformers generated {out.shape[1]} tokens instead of {new_tokens}")
+    return stamps.times[0] - start, total, out
 
   ref.llm.generation_config.eos_token_id = None
-  generate(new_tokens)  # warm-up
-  ttft = statistics.median(_timed(lambda: generate(1))[0] for _ in range(repeats))
-  runs = [_timed(lambda: generate(new_tokens)) for _ in range(repeats)]
-  total = statistics.median(r[0] for r in runs)
-  return dict(ttft_s=ttft, tpot_s=(total - ttft) / (new_tokens - 1), tokens_per_s=new_tokens / total,
-              total_s=total, tokens=runs[0][1][0].tolist())
+  run()  # warm-up
+  runs = [run() for _ in range(repeats)]
+  ttft = statistics.median(r[0] for r in runs)
+  tpot = statistics.median((r[1] - r[0]) / (new_tokens - 1) for r in runs)
+  total = statistics.median(r[1] for r in runs)
+  return dict(ttft_s=ttft, tpot_s=tpot, tokens_per_s=new_tokens / total, total_s=total, tokens=runs[0][2][0].tolist())
 
 
 def torch_decode_throughput(ref, inputs: TorchInputs, batch_size: int, new_tokens: int) -> float:
@@ -416,6 +438,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--skip-torch", action="store_true", help="measure our sampler only")
   parser.add_argument("--seed", type=int, default=0, help="random weights")
   parser.add_argument("--json", type=pathlib.Path, help="write the results (and the environment) here")
+  parser.add_argument("--compilation-cache", metavar="DIR",
+                      help="persistent compilation cache (default $JAX_COMPILATION_CACHE_DIR): a rerun skips XLA")
   args = parser.parse_args(argv)
   args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
   args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -429,10 +453,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if "--compile" in argv:  # the compile-time and memory benchmark (its own flags)
+    from flashvl_jax import compile_bench
+    return compile_bench.main([a for a in argv if a != "--compile"])
   # PyTorch shares the accelerator: JAX must not reserve most of its memory up front. Effective only when this
   # runs before JAX first touches a device (as under `python -m flashvl_jax.bench`).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   args = parse_args(argv)
+  enable_compilation_cache(args.compilation_cache)
   env = environment()
   print(f"{env['date']}  {env['device']} x{env['device_count']} ({env['jax_backend']}), CPU {env['cpu']} "
         f"({env['cpu_cores']} cores); jax {env['jax']}, flax {env['flax']}, torch {env['torch']} on "

@@ -125,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="compute dtype (auto: float32 on CPU, bfloat16 elsewhere)")
+  parser.add_argument("--compilation-cache", metavar="DIR",
+                      help="persistent compilation cache: a second start skips XLA (default $JAX_COMPILATION_CACHE_DIR)")
   args = parser.parse_intermixed_args(argv)
 
   try:
@@ -132,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ImageError as e:
     parser.error(str(e))
   from flashvl_jax.api import FlashVL  # pylint: disable=import-outside-toplevel
+  from flashvl_jax.compilation_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+
+  enable_compilation_cache(args.compilation_cache)
 
   model = FlashVL.from_pretrained(args.checkpoint, dtype=default_dtype() if args.dtype == "auto" else args.dtype)
   kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,

@@ -2,10 +2,11 @@
 
 A model checkpoint is a directory:
 
-  metadata.json   what it holds: {"format": "flashvl_jax.model", "format_version": 1, "architecture", "param_dtype",
+  metadata.json   what it holds: {"format": "flashvl_jax.model", "format_version": 2, "architecture", "param_dtype",
                   "num_params", "hf_layout", ...} (see `write_descriptors` for the keys)
   config.yaml     our config (`config.to_dict`): a FlashVLConfig, or a VisionConfig / LLMConfig for a component
-  params/         an Orbax PyTree of every `nnx.Param`, nested like the module (`nnx.to_pure_dict`)
+  params/         an Orbax PyTree of every `nnx.Param`, nested like the module (`nnx.to_pure_dict`); per-layer
+                  parameters are stacked: `llm.model.layers.mlp.up_proj.kernel` is [L, in, out]
   tokenizer.json, ...   tokenizer / processor files copied from the source, when it had them
 
 `save_model` writes one from a live module (any mesh, any number of processes); `write_model` streams one in
@@ -49,7 +50,7 @@ from flashvl_jax.weights.hf_io import (CheckpointError, SafetensorsReader, detec
 from flashvl_jax.weights.mapping import Table, WeightMappingError
 
 FORMAT = "flashvl_jax.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-layer parameters stacked on a leading layer axis (1: one subtree per layer)
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
@@ -476,6 +477,12 @@ def read_info(path: str | pathlib.Path) -> CheckpointInfo:
     raise CheckpointError(f"{path / METADATA_FILE} is not valid JSON: {e}") from None
   if meta.get("format") != FORMAT:
     raise CheckpointError(f"{path / METADATA_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
+  if int(meta.get("format_version", 0)) < FORMAT_VERSION:
+    raise CheckpointError(
+        f"{path} has format_version {meta.get('format_version')}: one parameter subtree per layer, written before "
+        f"flashvl_jax stacked its layers (format {FORMAT_VERSION}). Re-convert it from the Hugging Face checkpoint "
+        f"with `python -m convert hf SRC {path} --overwrite`; a trained one can be exported to Hugging Face with the "
+        "flashvl_jax that wrote it (`python -m convert export`) and converted back with this one")
   if int(meta.get("format_version", 0)) > FORMAT_VERSION:
     raise CheckpointError(f"{path} has format_version {meta['format_version']}; this flashvl_jax reads up to "
                           f"{FORMAT_VERSION}: upgrade flashvl_jax")

@@ -21,6 +21,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical role -> mesh axes (tuple: shard over several; None: replicate)
 RULES: dict[str, tuple[str, ...] | None] = {
     # parameters
+    "layers": None,  # the leading axis of stacked per-layer parameters
     "embed": ("fsdp",),  # model width of a weight matrix
     "vocab": ("tensor",),
     "heads": ("tensor",),  # q / o projections: heads * head_dim

@@ -116,7 +116,7 @@ def test_rms_norm_after_position_add_breaks_the_tolerance(tiny, monkeypatch):
 def test_bfloat16_tower_is_close_to_fp32_reference(tiny):
   model, path, _ = tiny
   tower = aimv2_weights.load_aimv2(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  assert tower.encoder.layers[0].attention.q_proj.kernel.dtype == jnp.bfloat16
+  assert tower.encoder.layers.attention.q_proj.kernel.dtype == jnp.bfloat16
   x = pixels(4)
   ref = tiny_vision.reference_outputs(model, x)["post_norm"]
   out = features(tower, jnp.asarray(x))[1]
@@ -141,7 +141,7 @@ def test_checkpoint_key_errors_list_every_offending_key(tiny, tmp_path):
   with pytest.raises(WeightMappingError) as err:
     aimv2_weights.load_aimv2(tmp_path)
   msg = str(err.value)
-  for needle in ("encoder.layers.1.ffn.up_proj.kernel", "trunk.blocks.0.attn.qkv.bias",
+  for needle in ("encoder.layers.1.ffn.up_proj.kernel (layer 1 of encoder.layers.ffn.up_proj.kernel)", "trunk.blocks.0.attn.qkv.bias",
                  "trunk.blocks.0.attn.qkv.weight (192, 63)", "missing parameters", "unexpected keys",
                  "shape mismatches"):
     assert needle in msg, msg
@@ -180,8 +180,8 @@ def test_sharded_forward_matches_unsharded(tiny):
   x = pixels(5, batch=4)
   expected = np.asarray(features(tower, jnp.asarray(x))[1])
   out, state = sharded_call(tower, jnp.asarray(x))
-  up_kernel = state["encoder"]["layers"][0]["ffn"]["up_proj"]["kernel"][...]
-  assert up_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  up_kernel = state["encoder"]["layers"]["ffn"]["up_proj"]["kernel"][...]  # stacked [L, in, out]
+  assert up_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   d = max_diff(out, expected)
   print(f"aimv2 sharded (2x2x2 mesh) vs unsharded: {d:.2e}")
   assert d <= 1e-5

@@ -210,7 +210,7 @@ def test_load_errors(tiny, tmp_path):
   (broken / checkpoint.CONFIG_FILE).write_text(yaml.safe_dump(cfg))
   (broken / checkpoint.PARAMS_DIR).unlink()
   (broken / checkpoint.PARAMS_DIR).symlink_to(ckpt / checkpoint.PARAMS_DIR)
-  with pytest.raises(ValueError, match=r"llm\.model\.layers\.0\.mlp\.down_proj\.kernel: checkpoint \(96, 64\), "
-                     r"model \(80, 64\)"):
+  with pytest.raises(ValueError, match=r"llm\.model\.layers\.mlp\.down_proj\.kernel: checkpoint \(2, 96, 64\), "
+                     r"model \(2, 80, 64\)"):
     checkpoint.load_model(broken)
   assert isinstance(checkpoint.read_info(ckpt).config, FlashVLConfig)

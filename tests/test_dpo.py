@@ -99,7 +99,7 @@ def test_dpo_loss_and_gradients_match_numpy(base, pair_batches):
   model = lora_model(base)
   key = jax.random.key(3)
   for i, (_, m) in enumerate(nnx.iter_modules(model)):
-    if isinstance(m, lora.LoRALinear):  # a policy that differs from the reference
+    if isinstance(m, lora.LoRA):  # a policy that differs from the reference
       m.lora_b[...] = 0.3 * jax.random.normal(jax.random.fold_in(key, i), m.lora_b.shape)
   graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
   batch = {k: jnp.asarray(v[:2]) for k, v in pair_batches[0].items()}  # 2 pairs: [4, T, V] logits in NumPy

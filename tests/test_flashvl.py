@@ -127,7 +127,7 @@ def test_sharded_forward_equals_unsharded(static_pair):
   got, _ = sharded_call(ours, ids, pixels)
   assert len(got.sharding.device_set) == 8
   # fsdp splits the contractions, so sums are reordered: equal to 1e-5 relative (logits are ~1-10)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_composite_top1(static_pair):

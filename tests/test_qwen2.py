@@ -227,9 +227,9 @@ def kv_expanded_attention(expand):
 
 
 def zero_qkv_biases(model):
-  for layer in model.model.layers:
-    for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-      proj.bias.set_value(jnp.zeros_like(proj.bias[...]))
+  attn = model.model.layers.self_attn  # stacked: one module for every layer
+  for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+    proj.bias.set_value(jnp.zeros_like(proj.bias[...]))
 
 
 MISTAKES = {
@@ -270,7 +270,7 @@ def test_bf16_against_fp32_torch(tiny):
   with torch.no_grad():
     hf_bf16 = copy.deepcopy(ref).to(torch.bfloat16)(torch.tensor(ids)).logits.float().numpy()
   model = load_qwen2(tiny["tied"][0], dtype="bfloat16", param_dtype="bfloat16")
-  assert model.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  assert model.model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
   got = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
   err, hf_err, scale = max_diff(got, expected), max_diff(hf_bf16, expected), np.abs(expected).max()
   disagree = got.argmax(-1) != expected.argmax(-1)
@@ -332,8 +332,8 @@ def test_bf16_checkpoint_loads(tiny, ours, tmp_path):
 
   path = write_checkpoint(tiny["tied"][0], tmp_path / "bf16",
                           lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
-  loaded = load_qwen2(path).model.layers[1].self_attn.k_proj.kernel[...]
-  expected = ours["tied"].model.layers[1].self_attn.k_proj.kernel[...].astype(jnp.bfloat16).astype(jnp.float32)
+  loaded = load_qwen2(path).model.layers.self_attn.k_proj.kernel[...][1]
+  expected = ours["tied"].model.layers.self_attn.k_proj.kernel[...][1].astype(jnp.bfloat16).astype(jnp.float32)
   assert loaded.dtype == jnp.float32 and np.array_equal(loaded, expected)
 
 
@@ -357,7 +357,7 @@ def test_sharded_matches_unsharded(ours):
   ids = jnp.asarray(random_ids((4, 12), seed=8))
   expected = np.asarray(jax.jit(lambda x: ours["untied"](x))(ids))
   got, sharded = sharded_call(ours["untied"], ids)
-  assert len(sharded["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...].sharding.device_set) == 8
+  assert len(sharded["model"]["layers"]["mlp"]["gate_proj"]["kernel"][...].sharding.device_set) == 8
   assert max_diff(got, expected) <= 1e-5
 
 

@@ -236,8 +236,8 @@ def test_sharded_forward_matches_unsharded(tiny):
   x = pixels(7, batch=4)
   expected = np.asarray(features(tower, jnp.asarray(x))[1])
   out, state = sharded_call(tower, jnp.asarray(x))
-  q_kernel = state["encoder"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  q_kernel = state["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"][...]  # stacked [L, in, out]
+  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
   d = max_diff(out, expected)
   print(f"siglip sharded (2x2x2 mesh) vs unsharded: {d:.2e}")
   assert d <= 1e-5

@@ -21,7 +21,8 @@ from flashvl_jax.train import flops
 from flashvl_jax.train.config import load_train_config
 from flashvl_jax.train.losses import cross_entropy_sum, select_targets
 from flashvl_jax.train.optimizer import make_optimizer, make_schedule, path_name
-from flashvl_jax.train.state import apply_remat, create_train_state
+from flashvl_jax.models.layers import set_remat
+from flashvl_jax.train.state import create_train_state
 from flashvl_jax.train.steps import make_train_step, sft_objective, to_global
 from flashvl_jax.train.trainer import build_model
 
@@ -57,7 +58,7 @@ def fresh_model(initial_model, mesh, remat="none"):
   graphdef, state = initial_model
   copy = jax.tree.map(jnp.copy, state)  # the steps donate their state; device_put alone may alias
   model = nnx.merge(graphdef, jax.device_put(copy, state_shardings(state, mesh)))
-  apply_remat(model, remat)
+  set_remat(model, remat)
   return model
 
 
@@ -180,10 +181,27 @@ def test_sharded_steps_equal_unsharded(tiny, initial_model, uneven_batches, refe
   assert_same_steps(params, metrics, reference)
 
 
-def test_remat_full_matches_no_remat(tiny, initial_model, uneven_batches, reference):
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_remat_matches_no_remat(tiny, initial_model, uneven_batches, reference, remat):
   mesh = one_device_mesh()
-  params, metrics, _ = run_steps(fresh_model(initial_model, mesh, remat="full"), tiny, mesh, uneven_batches[:1], SGD)
+  params, metrics, _ = run_steps(fresh_model(initial_model, mesh, remat=remat), tiny, mesh, uneven_batches[:1], SGD)
   assert_same_steps(params, metrics, reference, steps=1)
+
+
+def test_remat_is_applied_inside_the_scanned_layers(tiny, initial_model):
+  """A remat policy set on the model shows in the traced train-step body (a checkpoint inside the layer scan); an
+  unknown policy name is refused naming the choices."""
+  graphdef, state = initial_model
+  model = nnx.merge(graphdef, state)
+  forward = lambda m, ids: m.llm(ids)
+  ids = jnp.zeros((1, 8), jnp.int32)
+  assert "checkpoint" not in str(jax.make_jaxpr(forward)(model, ids))
+  set_remat(model, "full")
+  jaxpr = jax.make_jaxpr(forward)(model, ids)
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  assert len(scans) == 1 and "nothing_saveable" in str(scans[0].params["jaxpr"])  # `full` = nothing saved
+  with pytest.raises(ValueError, match="unknown remat policy 'some'.*dots_saveable"):
+    set_remat(model, "some")
 
 
 def test_frozen_parameters_get_no_state_and_stay_bit_identical(tiny, initial_model, batches):
@@ -205,9 +223,10 @@ def test_frozen_parameters_get_no_state_and_stay_bit_identical(tiny, initial_mod
 
 @pytest.mark.parametrize("preset", ["flashvl-2b-static", "flashvl-2b-dynamic"])
 def test_analytic_flops_match_xla_count(preset):
-  """Per component, the forward FLOPs agree with XLA's count of the full-width model (2 layers, abstract
-  weights); XLA computes the masked half of causal attention too, so it is added for the comparison."""
-  cfg = load_config(preset, ["vision.num_hidden_layers=2", "llm.num_hidden_layers=2", "dtype=float32",
+  """Per component, the forward FLOPs agree with XLA's count of the full-width model (abstract weights); XLA computes
+  the masked half of causal attention too, so it is added for the comparison. One layer per tower: XLA's cost
+  analysis counts the body of the layer scan once, whatever its length."""
+  cfg = load_config(preset, ["vision.num_hidden_layers=1", "llm.num_hidden_layers=1", "dtype=float32",
                              "param_dtype=float32"])
   graphdef, state = nnx.split(nnx.eval_shape(lambda: FlashVLModel(cfg, rngs=nnx.Rngs(0))))
   count = lambda f, shape, dtype=jnp.float32: jax.jit(lambda state, x: f(nnx.merge(graphdef, state), x)).lower(

@@ -40,7 +40,7 @@ class Aimv2EncoderLayer(nnx.Module):
 
   def __call__(self, h: jax.Array) -> jax.Array:
     h = h + self.attention(self.rms_norm1(h))
-    return h + self.ffn(self.rms_norm2(h))
+    return constrain(h + self.ffn(self.rms_norm2(h)), ACT)
 
 
 class Aimv2VisionTower(nnx.Module):
@@ -53,7 +53,7 @@ class Aimv2VisionTower(nnx.Module):
     self.dtype = to_dtype(dtype)
     kw = dict(dtype=self.dtype, param_dtype=to_dtype(param_dtype))
     self.embeddings = Aimv2Embeddings(cfg, rngs=rngs, **kw)
-    self.encoder = VisionEncoder([Aimv2EncoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.encoder = VisionEncoder(lambda rngs: Aimv2EncoderLayer(cfg, rngs=rngs, **kw), cfg.num_hidden_layers, rngs)
     self.rms_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
 
   def forward_features(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:

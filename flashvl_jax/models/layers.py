@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,26 @@ def to_dtype(name_or_dtype) -> jnp.dtype:
   return jnp.dtype(name_or_dtype)
 
 
+class Linear(nnx.Linear):
+  """`nnx.Linear` plus an optional low-rank update: `y = x W + b + lora(x)` when `lora` is set.
+
+  `lora` is None in every model as built; `flashvl_jax.train.lora.add_lora` attaches an adapter module (any
+  module mapping `x` to the update), so the model code never depends on the trainer.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.lora: nnx.Module | None = nnx.data(None)  # data, so an adapter can be attached later
+
+  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
+    y = super().__call__(x, out_sharding)
+    return y if self.lora is None else y + self.lora(x).astype(y.dtype)
+
+
 def linear(in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool, dtype, param_dtype,
-           rngs: nnx.Rngs) -> nnx.Linear:
-  """`nnx.Linear` (kernel `[in, out]` = PyTorch `W.T`) whose kernel/bias carry logical sharding names."""
-  return nnx.Linear(
+           rngs: nnx.Rngs) -> Linear:
+  """`Linear` (kernel `[in, out]` = PyTorch `W.T`) whose kernel/bias carry logical sharding names."""
+  return Linear(
       in_features,
       out_features,
       use_bias=use_bias,
@@ -176,3 +192,72 @@ def check_pixels(pixels: jax.Array, image_size: int, channels: int, name: str) -
   if pixels.shape[1] != image_size or pixels.shape[2] != image_size:
     raise ValueError(f"{name} expects {image_size}x{image_size} images, got {pixels.shape[1]}x{pixels.shape[2]}")
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacked layers
+
+LAYER_AXIS = "layers"  # logical name of the leading axis of stacked per-layer parameters
+REMAT_ALIASES = {"full": "nothing_saveable",  # keep only each layer's input, recompute the rest
+                 "dots": "dots_with_no_batch_dims_saveable"}  # keep the weight-matmul outputs
+REMAT_POLICY_NAMES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                      "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+REMAT_CHOICES = ("none", *REMAT_ALIASES, *REMAT_POLICY_NAMES)
+
+
+def remat_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy for a config name: 'none' (no remat: None), 'full', 'dots', or the name of a
+  `jax.checkpoint_policies` policy."""
+  if name not in REMAT_CHOICES:
+    raise ValueError(f"unknown remat policy {name!r}; use one of {', '.join(REMAT_CHOICES)}")
+  if name == "none":
+    return None
+  return getattr(jax.checkpoint_policies, REMAT_ALIASES.get(name, name))
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """One module whose every parameter has a leading `num_layers` axis (logical name 'layers'): layer i is the
+  i-th slice. Each layer is initialised from its own split of `rngs`."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+  def build(rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(rngs)
+
+  return build(rngs)
+
+
+class LayerStack(nnx.Module):
+  """A module whose `layers` are stacked (`stack_layers`) and run in order by one `lax.scan`.
+
+  The scan traces and compiles one layer whatever the depth. `remat_policy` (a `REMAT_CHOICES` name, set before
+  tracing, e.g. by `set_remat`) rematerialises each layer inside the scanned body.
+  """
+
+  layers: nnx.Module
+  remat_policy: str = "none"
+
+  def run_layers(self, h: jax.Array, per_layer: Any = None, **kwargs) -> tuple[jax.Array, Any]:
+    """Runs layer i = 0..L-1 as `layer_i(h, **kwargs)`, or `layer_i(h, per_layer[i], **kwargs)` when `per_layer`
+    (a pytree of [L, ...] arrays, e.g. a KV cache) is given. A layer returns `h` or `(h, out)`; the result is
+    (h, the outs stacked to [L, ...], or None)."""
+    graphdef, state = nnx.split(self.layers)
+
+    def body(h, xs):
+      layer_state, layer_input = xs
+      layer = nnx.merge(graphdef, layer_state)
+      out = layer(h, **kwargs) if layer_input is None else layer(h, layer_input, **kwargs)
+      return out if isinstance(out, tuple) else (out, None)
+
+    policy = remat_policy(self.remat_policy)
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, h, (state, per_layer))
+
+
+def set_remat(model: nnx.Module, policy: str) -> None:
+  """Sets the rematerialisation policy of every `LayerStack` in `model` (vision tower and LLM)."""
+  remat_policy(policy)  # validates the name
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, LayerStack):
+      module.remat_policy = policy

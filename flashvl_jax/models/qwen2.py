@@ -1,7 +1,8 @@
 """Qwen2 / Qwen2.5 causal LM (HF `Qwen2ForCausalLM`) in Flax NNX, with a static KV cache for sampling.
 
-Module paths mirror the HF names (`model.layers.{i}.self_attn.q_proj`, ...), so the weight table in
-`flashvl_jax.weights.qwen2` is a near one-to-one list. Exactness rules: COMPONENTS.md §4-5.
+Module paths mirror the HF names, with the decoder layers stacked: HF `model.layers.{i}.self_attn.q_proj.weight`
+is slice i of our `model.layers.self_attn.q_proj.kernel` [L, in, out], so the weight table in
+`flashvl_jax.weights.qwen2` is a near one-to-one list. The layers run as one `lax.scan` (`layers.LayerStack`).
 
 Three ways to run it, all with static shapes:
 - plain: `model(input_ids, attention_mask=mask)`; `mask` [B, T] marks real tokens (keys only, combined with
@@ -10,7 +11,8 @@ Three ways to run it, all with static shapes:
 - packed: `segment_ids` [B, T] (0 = padding) restrict attention to keys of the same segment; pass
   per-segment `position_ids` that restart at 0.
 - cached: `model(ids, cache=cache, cache_index=i, attention_mask=slot_mask, position_ids=pos)` writes the
-  new tokens' keys/values at cache slots [i, i + T) of every row and attends over all slots: slot s is
+  new tokens' keys/values at cache slots [i, i + T) of every row and attends over all slots (the cache is
+  [L, ...] and each scanned layer receives and returns its own slice): slot s is
   visible to query t when `slot_mask[b, s]` and `s <= i + t`. A left-padded batch shares the write index
   and carries its padding in `slot_mask` and its per-row positions in `position_ids`, which is exact for
   prompts of mixed length.
@@ -23,11 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flashvl_jax.config import LLMConfig
-from flashvl_jax.models.layers import (RMSNorm, SwiGLU, apply_rope, attention, linear, merge_heads, rope_cos_sin,
-                                       split_heads, to_dtype)
+from flashvl_jax.models.layers import (LayerStack, RMSNorm, SwiGLU, apply_rope, attention, linear, merge_heads,
+                                       rope_cos_sin, split_heads, stack_layers, to_dtype)
 from flashvl_jax.sharding import constrain
 
 KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}
+LayerCache = tuple[jax.Array, jax.Array]  # one layer's (k, v), each [B, S, K, hd]
 
 
 class Qwen2Attention(nnx.Module):
@@ -45,22 +48,20 @@ class Qwen2Attention(nnx.Module):
     self.o_proj = linear(q_out, d, ("heads", "embed"), use_bias=False, **kw)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
-               cache: tuple[jax.Array, jax.Array] | None = None, layer_index: int = 0,
-               cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
+               cache: LayerCache | None = None,
+               cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    """x [B, T, D] -> ([B, T, D], updated (k, v) or None).
 
-    cache: the whole model's (k, v) [L, B, S, K, hd]; this layer writes slots [cache_index, cache_index + T)
-    of entry `layer_index` (one in-place update of the big buffer) and attends over all S slots.
+    cache: this layer's (k, v) [B, S, K, hd]; the new keys/values go to slots [cache_index, cache_index + T)
+    and attention runs over all S slots.
     """
     q = apply_rope(split_heads(self.q_proj(x), self.num_heads), cos, sin)
     k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)
     v = split_heads(self.v_proj(x), self.num_kv_heads)
     if cache is not None:
-      start = (jnp.int32(layer_index), jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
-      cache_k = jax.lax.dynamic_update_slice(cache[0], k[None].astype(cache[0].dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache[1], v[None].astype(cache[1].dtype), start)
-      cache = (cache_k, cache_v)
-      k, v = cache_k[layer_index].astype(q.dtype), cache_v[layer_index].astype(q.dtype)
+      start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
+      cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
+      k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
     out = attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
     return self.o_proj(merge_heads(out)), cache
 
@@ -75,15 +76,16 @@ class Qwen2DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, **cache_kw):
-    attn_out, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, **cache_kw)
+  def __call__(self, h: jax.Array, cache: LayerCache | None = None, *, cos: jax.Array, sin: jax.Array,
+               mask: jax.Array, cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    attn_out, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache=cache, cache_index=cache_index)
     h = h + attn_out
     h = h + self.mlp(self.post_attention_layernorm(h))
     return constrain(h, ("batch", "length", "act_embed")), cache
 
 
-class Qwen2Model(nnx.Module):
-  """Token embedding, decoder layers and the final RMSNorm (HF `Qwen2Model`)."""
+class Qwen2Model(LayerStack):
+  """Token embedding, the stacked decoder layers and the final RMSNorm (HF `Qwen2Model`)."""
 
   def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.embed_tokens = nnx.Embed(
@@ -93,8 +95,9 @@ class Qwen2Model(nnx.Module):
         param_dtype=param_dtype,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
         rngs=rngs)
-    self.layers = nnx.List(
-        [Qwen2DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.layers = stack_layers(lambda rngs: Qwen2DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                               cfg.num_hidden_layers, rngs)
+    self.remat_policy = "none"
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -190,9 +193,7 @@ class Qwen2ForCausalLM(nnx.Module):
 
     h = constrain(h, ("batch", "length", "act_embed"))
     kv = None if cache is None else (cache["k"], cache["v"])
-    for i, layer in enumerate(self.model.layers):
-      cache_kw = {} if kv is None else dict(cache=kv, layer_index=i, cache_index=offset)
-      h, kv = layer(h, cos, sin, mask, **cache_kw)
+    h, kv = self.model.run_layers(h, kv, cos=cos, sin=sin, mask=mask, cache_index=offset)
     h = self.model.norm(h)
     if logits_at is not None:
       h = jnp.take_along_axis(h, logits_at[..., None], axis=1)

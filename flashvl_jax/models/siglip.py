@@ -1,14 +1,15 @@
 """SigLIP / SigLIP2 fixed-resolution vision tower (HF `SiglipVisionModel`), Flax NNX.
 
 patch conv -> + learned positions -> N x [x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x))))] -> post_layernorm
-(-> optional MAP head). Submodule names mirror HF so the weight table in `flashvl_jax.weights.siglip` is short.
+(-> optional MAP head). Submodule names mirror HF so the weight table in `flashvl_jax.weights.siglip` is short;
+the encoder layers are stacked (`encoder.layers.*` leaves are [L, ...]) and scanned.
 `VisionAttention` and `VisionEncoder` are shared with the AIMv2 tower.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax.config import VisionConfig
-from flashvl_jax.models.layers import LayerNorm, attention, check_pixels, linear, merge_heads, split_heads, to_dtype
+from flashvl_jax.models.layers import (LayerNorm, LayerStack, attention, check_pixels, linear, merge_heads, split_heads,
+                                       stack_layers, to_dtype)
 from flashvl_jax.sharding import constrain
 
 ACT = ("batch", "length", "act_embed")  # activation roles at block boundaries
@@ -109,16 +111,15 @@ class VisionAttention(nnx.Module):
     return self.out_proj(merge_heads(attention(q, k, v, scale=self.scale)))
 
 
-class VisionEncoder(nnx.Module):
-  """`layers`: the transformer blocks, applied in order; activations constrained between blocks."""
+class VisionEncoder(LayerStack):
+  """`num_layers` blocks made by `make_layer`, stacked and scanned; activations constrained between blocks."""
 
-  def __init__(self, layers: Sequence[nnx.Module]):
-    self.layers = nnx.List(layers)
+  def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs):
+    self.layers = stack_layers(make_layer, num_layers, rngs)
+    self.remat_policy = "none"
 
   def __call__(self, h: jax.Array) -> jax.Array:
-    for layer in self.layers:
-      h = constrain(layer(h), ACT)
-    return h
+    return self.run_layers(h)[0]
 
 
 class SiglipMLP(nnx.Module):
@@ -163,7 +164,7 @@ class SiglipEncoderLayer(nnx.Module):
 
   def __call__(self, h: jax.Array) -> jax.Array:
     h = h + self.self_attn(self.layer_norm1(h))
-    return h + self.mlp(self.layer_norm2(h))
+    return constrain(h + self.mlp(self.layer_norm2(h)), ACT)
 
 
 class SiglipMAPHead(nnx.Module):
@@ -194,7 +195,7 @@ class SiglipVisionTower(nnx.Module):
     self.dtype = to_dtype(dtype)
     kw = dict(dtype=self.dtype, param_dtype=to_dtype(param_dtype))
     self.embeddings = SiglipEmbeddings(cfg, rngs=rngs, **kw)
-    self.encoder = VisionEncoder([SiglipEncoderLayer(cfg, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)])
+    self.encoder = VisionEncoder(lambda rngs: SiglipEncoderLayer(cfg, rngs=rngs, **kw), cfg.num_hidden_layers, rngs)
     self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, **kw)
     if cfg.use_head:
       self.head = SiglipMAPHead(cfg, rngs=rngs, **kw)

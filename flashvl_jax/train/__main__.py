@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--compile-only", action="store_true",
                       help="ahead-of-time compile the train step for --topology and print memory and FLOPs")
   parser.add_argument("--topology", default="v5e:2x4", help="TPU topology for --compile-only (needs libtpu)")
+  parser.add_argument("--compilation-cache", metavar="DIR",
+                      help="persistent compilation cache: a second start skips XLA (= compilation_cache_dir=DIR)")
   parser.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
   parser.add_argument("--num-processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
   parser.add_argument("--process-id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
@@ -30,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if "=" in args.config:  # `python -m flashvl_jax.train steps=10`: overrides of the demo
     args.overrides.insert(0, args.config)
     args.config = "demo"
+  if args.compilation_cache:
+    args.overrides.append(f"compilation_cache_dir={args.compilation_cache}")
   for flag in ("coordinator_address", "num_processes", "process_id"):
     if getattr(args, flag) is not None:
       args.overrides.append(f"distributed.{flag}={getattr(args, flag)}")
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config error: {e}", file=sys.stderr)
     return 2
   if args.compile_only:
+    from flashvl_jax.compilation_cache import enable_compilation_cache
     from flashvl_jax.train.compile import compile_for_topology
+    enable_compilation_cache(cfg.compilation_cache_dir)
     try:
       compile_for_topology(cfg, args.topology)
     except ConfigError as e:

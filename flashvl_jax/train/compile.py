@@ -11,6 +11,7 @@ needed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -24,13 +25,14 @@ from flashvl_jax import checkpoint, sampling
 from flashvl_jax.config import ConfigError, load_config
 from flashvl_jax.data.pipeline import TEXT_KEYS
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess import tiling
 from flashvl_jax.sharding import batch_sharding, make_mesh, replicated, state_shardings
 from flashvl_jax.train import flops
 from flashvl_jax.train.config import TrainConfig
 from flashvl_jax.train.optimizer import make_optimizer, make_schedule
 from flashvl_jax.train.lora import add_lora
-from flashvl_jax.train.state import abstract_train_state, apply_remat
+from flashvl_jax.train.state import abstract_train_state
 from flashvl_jax.train.steps import make_train_step
 from flashvl_jax.train.trainer import make_objective, trainable_components
 
@@ -84,28 +86,41 @@ def abstract_batch(cfg: TrainConfig, model_cfg, mesh) -> dict[str, jax.ShapeDtyp
   return abstract(shapes, lambda ndim: batch_sharding(mesh, ndim))
 
 
-def compile_train_step(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, Any, dict[str, bool]]:
-  """(compiled train step, model config, trainable components) for `mesh`, from shapes alone."""
+def _timed(timings: dict[str, float] | None, name: str, fn):
+  """`fn()`, adding its wall seconds to `timings[name]` when `timings` is given."""
+  start = time.perf_counter()
+  out = fn()
+  if timings is not None:
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+  return out
+
+
+def compile_train_step(cfg: TrainConfig, mesh: Mesh,
+                       timings: dict[str, float] | None = None) -> tuple[Any, Any, dict[str, bool]]:
+  """(compiled train step, model config, trainable components) for `mesh`, from shapes alone; `timings` gets the
+  seconds of 'train_step_lower' and 'train_step_compile'."""
   base = checkpoint.read_info(cfg.model.init).config if cfg.model.init else None
   model_cfg = cfg.model.flashvl_config(base)
   model = nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0)))
   if cfg.lora is not None:
     add_lora(model, cfg.lora)
-  apply_remat(model, cfg.model.remat)
+  set_remat(model, cfg.model.remat)
   schedule = make_schedule(cfg.optimizer, cfg.steps or 1)  # the step count only changes schedule constants
   tx = make_optimizer(cfg.optimizer, schedule)
   graphdef, state, shardings = abstract_train_state(model, cfg.optimizer.trainable, tx, mesh)
   step = make_train_step(graphdef, tx, schedule, shardings, mesh, make_objective(cfg),
                          grad_accum_steps=cfg.grad_accum_steps)
   with jax.set_mesh(mesh):
-    compiled = step.lower(state, abstract_batch(cfg, model_cfg, mesh)).compile()
+    lowered = _timed(timings, "train_step_lower", lambda: step.lower(state, abstract_batch(cfg, model_cfg, mesh)))
+    compiled = _timed(timings, "train_step_compile", lowered.compile)
   return compiled, model_cfg, trainable_components(state.params)
 
 
-def compile_sampler(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, Any]:
+def compile_sampler(cfg: TrainConfig, mesh: Mesh, timings: dict[str, float] | None = None) -> tuple[Any, Any]:
   """(compiled prefill, compiled decode) of the sampler for the run's prompts: `global_batch_size` rows (times the
   GRPO group) in the prompt bucket of `data.max_length`, with `eval.max_new_tokens` (GRPO: `grpo.max_new_tokens`)
-  decode slots; greedy for SFT / DPO, sampling for GRPO. Inference keeps the model in its compute dtype."""
+  decode slots; greedy for SFT / DPO, sampling for GRPO. Inference keeps the model in its compute dtype. `timings`
+  gets the seconds of '{prefill,decode}_{lower,compile}'."""
   base = checkpoint.read_info(cfg.model.init).config if cfg.model.init else None
   model_cfg = load_config(cfg.model.flashvl_config(base), [f"param_dtype={cfg.model.compute_dtype}"])
   sampler = sampling.Sampler(nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0))), mesh)
@@ -121,13 +136,16 @@ def compile_sampler(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, Any]:
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
   stop_ids = replicate(np.zeros(sampling.STOP_SLOTS, np.int32))
   with jax.set_mesh(mesh):
-    prefill = sampler._prefill.lower(state, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                                     prompt["image_patch_index"], rng, knobs, stop_ids,
-                                     decode_length=sampling.bucket_length(new_tokens, sampling.MIN_DECODE_BUCKET),
-                                     do_sample=grpo, attention="xla").compile()
+    lowered = _timed(timings, "prefill_lower", lambda: sampler._prefill.lower(
+        state, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["image_patch_index"],
+        rng, knobs, stop_ids, decode_length=sampling.bucket_length(new_tokens, sampling.MIN_DECODE_BUCKET),
+        do_sample=grpo, attention="xla"))
+    prefill = _timed(timings, "prefill_compile", lowered.compile)
     carry = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefill.out_info,
                          prefill.output_shardings)
-    decode = sampler._decode.lower(state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=grpo).compile()
+    lowered = _timed(timings, "decode_lower", lambda: sampler._decode.lower(
+        state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=grpo))
+    decode = _timed(timings, "decode_compile", lowered.compile)
   return prefill, decode
 
 
@@ -170,7 +188,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict[str, dict[str,
   for name, r in report.items():
     print(describe(name, r))
   train = report["train_step"]
-  print(f"train step per device: {train['xla_tflops_per_device']:.4g} TFLOP (XLA), "
+  print(f"train step per device: {train['xla_tflops_per_device']:.4g} TFLOP (XLA, which counts a scanned layer once), "
         f"{train['model_tflops_per_device']:.4g} TFLOP (model, padding counted)")
   peak = cfg.metrics.peak_flops_per_device or flops.peak_flops_per_device(devices[0].device_kind)
   if peak:

@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 
 from flashvl_jax.config import ConfigError, FlashVLConfig, apply_overrides, from_dict, load_config, read_yaml
 from flashvl_jax.data.synthetic import SyntheticConfig
+from flashvl_jax.models.layers import REMAT_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +26,12 @@ class ModelConfig:
   init: str | None = None  # a model checkpoint (flashvl_jax.checkpoint) to start from, its config replacing the
   # preset's (overrides still apply); None: random initialisation
   compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # parameters are always kept in float32
-  remat: Literal["none", "full", "dots"] = "none"  # per-block rematerialisation of ViT and LLM layers
+  remat: str = "none"  # per-layer rematerialisation of ViT and LLM layers: `layers.REMAT_CHOICES`
   seed: int = 0
+
+  def __post_init__(self):
+    if self.remat not in REMAT_CHOICES:
+      raise ConfigError(f"model.remat must be one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}")
 
   def flashvl_config(self, base: FlashVLConfig | None = None) -> FlashVLConfig:
     """The model config (the preset's, or `base`, e.g. a checkpoint's) with the overrides, float32 master
@@ -134,7 +139,7 @@ class DistributedConfig:
   heartbeat_timeout_s: int = 60
 
 
-LLM_TARGETS = r"llm\.model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LLM_TARGETS = r"llm\.model\.layers\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 ADAPTER_TARGETS = r"adp\.(linear_1|linear_2|proj)"
 
 
@@ -142,7 +147,8 @@ ADAPTER_TARGETS = r"adp\.(linear_1|linear_2|proj)"
 class LoraConfig:
   """Which linears get adapters and how big they are.
 
-  targets: regexes over dotted module paths (`llm.model.layers.3.self_attn.q_proj`), each matched in full.
+  targets: regexes over dotted module paths (`llm.model.layers.self_attn.q_proj`), each matched in full. Layers
+    are stacked, so a path names that linear in every layer.
   alpha / rank scales the update; dropout applies to the adapter's input during training steps.
   """
 
@@ -230,6 +236,7 @@ class TrainConfig:
   epochs: int = 1
   max_target_tokens: int | None = None  # score only each row's first N answer tokens (None: every position)
   demo_questions: int = 0  # after training, answer this many held-out questions on the console
+  compilation_cache_dir: str | None = None  # persistent XLA cache (else $JAX_COMPILATION_CACHE_DIR; docs/benchmarks.md)
 
   def __post_init__(self):
     if self.global_batch_size % self.grad_accum_steps:

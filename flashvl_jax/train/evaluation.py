@@ -42,8 +42,10 @@ def generation_accuracy(model: FlashVL, source: Any, *, batch_size: int, max_new
 
 
 def show_answers(model: FlashVL, source: Any, count: int, max_new_tokens: int, write: Callable[[str], None]) -> None:
-  """Writes the first `count` questions of `source` with the model's answer (via `FlashVL.chat`) and the truth."""
+  """Writes the first `count` questions of `source` with the model's answer (via `FlashVL.chat`) and the truth, one
+  line each (line breaks in an answer are shown as `\\n`)."""
   for i in range(min(count, len(source))):
     question, answer = question_and_answer(source[i])
     reply = model.chat(source[i]["image"], question, max_new_tokens=max_new_tokens)
+    reply = reply.replace("\r", "\\r").replace("\n", "\\n")
     write(f"Q: {question[-1]['content']}  A: {reply}  (expected: {answer})")

@@ -1,8 +1,9 @@
-"""LoRA: low-rank trainable updates on chosen `nnx.Linear` layers, a switch to turn them off, and merging.
+"""LoRA: low-rank trainable updates on chosen `Linear` layers, a switch to turn them off, and merging.
 
-`add_lora(model, cfg)` turns every `nnx.Linear` whose dotted module path fully matches a `cfg.targets` regex
-into a `LoRALinear` in place: the layer keeps its `kernel` / `bias` (same paths, so checkpoints and trainable
-regexes still see them) and gains `lora_a [in, r]` and `lora_b [r, out]` (`nnx.LoRAParam`), so that
+`add_lora(model, cfg)` gives every `layers.Linear` whose dotted module path fully matches a `cfg.targets` regex
+a `LoRA` module as its `lora` option: the layer keeps its `kernel` / `bias` (same paths, so checkpoints and
+trainable regexes still see them) and gains `lora.lora_a [in, r]` and `lora.lora_b [r, out]` (`nnx.LoRAParam`,
+with a leading [L] axis inside stacked layers), so that
 
     y = x W + b + (alpha / r) * dropout(x) A B
 
@@ -31,10 +32,12 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flashvl_jax.config import ConfigError
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.models.layers import Linear
 from flashvl_jax.sharding import logical_to_spec
 from flashvl_jax.train.config import LoraConfig
 
@@ -46,7 +49,7 @@ _dropout_key = contextvars.ContextVar("lora_dropout_key", default=None)
 
 @contextlib.contextmanager
 def lora_enabled(enabled: bool) -> Iterator[None]:
-  """Within the block, traced `LoRALinear`s add their update (True, the default) or act as the base layer."""
+  """Within the block, traced adapters add their update (True, the default) or act as the base layer."""
   token = _enabled.set(enabled)
   try:
     yield
@@ -56,7 +59,7 @@ def lora_enabled(enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def lora_dropout(key: jax.Array | None) -> Iterator[None]:
-  """Within the block, traced `LoRALinear`s apply their dropout with keys folded from `key` (None: no dropout)."""
+  """Within the block, traced adapters apply their dropout with keys folded from `key` (None: no dropout)."""
   token = _dropout_key.set(key)
   try:
     yield
@@ -64,37 +67,44 @@ def lora_dropout(key: jax.Array | None) -> Iterator[None]:
     _dropout_key.reset(token)
 
 
-LORA_ATTRIBUTES = ("lora_a", "lora_b", "lora_scale", "lora_dropout_rate", "lora_index")
+class LoRAIndex(nnx.Variable):
+  """Integer id(s) of an adapter, folded into its dropout key (one per layer when stacked)."""
 
 
-class LoRALinear(nnx.Linear):
-  """`nnx.Linear` plus `(alpha / r) * dropout(x) @ lora_a @ lora_b`; made from an existing layer by `add_lora`."""
+class LoRA(nnx.Module):
+  """`(alpha / r) * dropout(x) @ lora_a @ lora_b`: the update `add_lora` attaches to a `Linear` as its `lora`.
 
-  lora_a: nnx.LoRAParam  # [in, r]
-  lora_b: nnx.LoRAParam  # [r, out], zero at creation
-  lora_scale: float  # alpha / r
-  lora_dropout_rate: float
-  lora_index: int  # folded into the dropout key, so every adapted layer drops its own units
+  For a linear inside stacked layers, `lora_a` [L, in, r], `lora_b` [L, r, out] and `index` [L] are stacked the
+  same way and the scan hands each layer its slice.
+  """
 
-  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    y = super().__call__(x, out_sharding)
+  def __init__(self, lora_a: nnx.LoRAParam, lora_b: nnx.LoRAParam, index: jax.Array, *, scale: float,
+               dropout_rate: float, dtype, precision):
+    self.lora_a = lora_a
+    self.lora_b = lora_b
+    self.index = LoRAIndex(index)
+    self.scale = scale
+    self.dropout_rate = dropout_rate
+    self.dtype = dtype
+    self.precision = precision
+
+  def __call__(self, x: jax.Array) -> jax.Array:
     if not _enabled.get():
-      return y
+      return jnp.zeros((*x.shape[:-1], self.lora_b.shape[-1]), x.dtype)
     key = _dropout_key.get()
-    if key is not None and self.lora_dropout_rate > 0:
-      keep = 1.0 - self.lora_dropout_rate
-      mask = jax.random.bernoulli(jax.random.fold_in(key, self.lora_index), keep, x.shape)
+    if key is not None and self.dropout_rate > 0:
+      keep = 1.0 - self.dropout_rate
+      mask = jax.random.bernoulli(jax.random.fold_in(key, self.index[...]), keep, x.shape)
       x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-    x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+    dtype = self.dtype or x.dtype
+    x, a, b = x.astype(dtype), self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
     delta = jnp.matmul(jnp.matmul(x, a, precision=self.precision), b, precision=self.precision)
-    return y + (self.lora_scale * delta).astype(y.dtype)
+    return self.scale * delta
 
-  def merged_kernel(self) -> jax.Array:
-    """`W + (alpha / r) A B` in fp32, cast back to the kernel's dtype."""
-    kernel = self.kernel[...]
-    delta = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (kernel.astype(jnp.float32) + self.lora_scale * delta).astype(kernel.dtype)
+  def delta_kernel(self) -> jax.Array:
+    """`(alpha / r) A B` in fp32, [..., in, out] (stacked like the kernel)."""
+    a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+    return self.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _name(path: tuple) -> str:
@@ -110,37 +120,50 @@ def _lora_param(value: jax.Array, axes: tuple | None, like: jax.Array) -> nnx.Lo
   return nnx.LoRAParam(value, **({"out_sharding": axes} if axes is not None else {}))
 
 
-def add_lora(model: nnx.Module, cfg: LoraConfig) -> list[str]:
-  """Adds adapters in place to every `nnx.Linear` whose module path fully matches a target; returns those paths.
+def _no_match_hint(pattern: str, names: list[str]) -> str:
+  hint = ""
+  if r"\d" in pattern and "layers" in pattern:
+    hint = (" Layers are stacked, so module paths carry no layer index (one path, e.g. "
+            "llm.model.layers.self_attn.q_proj, adapts every layer); drop the index from the regex.")
+  return (f"lora.targets regex {pattern!r} matches no linear layer; module paths look like "
+          f"{', '.join(names[:3])}, ...{hint}")
 
+
+def add_lora(model: nnx.Module, cfg: LoraConfig) -> list[str]:
+  """Attaches an adapter in place to every `Linear` whose module path fully matches a target; returns those paths.
+
+  A linear inside stacked layers gets a stacked adapter (every layer adapted, each with its own A, B and dropout).
   Raises `ConfigError` when a target regex matches no linear layer (a typo would silently train nothing) or a
   matched layer already has an adapter.
   """
   regexes = [re.compile(t) for t in cfg.targets]
-  linears = [(_name(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
+  linears = [(_name(path), m) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+  names = [name for name, _ in linears]
   for regex in regexes:
-    if not any(regex.fullmatch(name) for name, _ in linears):
-      examples = ", ".join(name for name, _ in linears[:3])
-      raise ConfigError(f"lora.targets regex {regex.pattern!r} matches no linear layer; module paths look like "
-                        f"{examples}, ...")
-  init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch LoRA's kaiming_uniform(a=sqrt(5))
+    if not any(regex.fullmatch(name) for name in names):
+      raise ConfigError(_no_match_hint(regex.pattern, names))
   key = jax.random.key(cfg.seed)
-  adapted = []
+  adapted, count = [], 0
   for name, linear in linears:
     if not any(r.fullmatch(name) for r in regexes):
       continue
-    if isinstance(linear, LoRALinear):
+    if linear.lora is not None:
       raise ConfigError(f"{name} already has a LoRA adapter")
     kernel = linear.kernel.get_value()  # a ShapeDtypeStruct in an abstract model
+    layers = tuple(kernel.shape[:-2])  # (L,) when stacked, () otherwise
     axes = linear.kernel.get_metadata().get("out_sharding")
-    a = init_a(jax.random.fold_in(key, len(adapted)), (linear.in_features, cfg.rank), kernel.dtype)
-    b = jnp.zeros((cfg.rank, linear.out_features), kernel.dtype)
-    linear.__class__ = LoRALinear
-    linear.lora_a = _lora_param(a, None if axes is None else (axes[0], None), kernel)
-    linear.lora_b = _lora_param(b, None if axes is None else (None, axes[1]), kernel)
-    linear.lora_scale = cfg.alpha / cfg.rank
-    linear.lora_dropout_rate = cfg.dropout
-    linear.lora_index = len(adapted)
+    # PyTorch LoRA's kaiming_uniform(a=sqrt(5)) on each layer's [in, r] matrix.
+    init_a = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1,
+                                               batch_axis=tuple(range(len(layers))))
+    a = init_a(jax.random.fold_in(key, len(adapted)), (*layers, linear.in_features, cfg.rank), kernel.dtype)
+    b = jnp.zeros((*layers, cfg.rank, linear.out_features), kernel.dtype)
+    size = int(np.prod(layers, dtype=np.int64))
+    index = jnp.arange(count, count + size, dtype=jnp.int32).reshape(layers)
+    count += size
+    linear.lora = LoRA(_lora_param(a, None if axes is None else (*axes[:-1], None), kernel),
+                       _lora_param(b, None if axes is None else (*axes[:-2], None, axes[-1]), kernel), index,
+                       scale=cfg.alpha / cfg.rank, dropout_rate=cfg.dropout, dtype=linear.dtype,
+                       precision=linear.precision)
     adapted.append(name)
   return adapted
 
@@ -157,17 +180,16 @@ def lora_param_count(model: nnx.Module) -> int:
 
 
 def merge_lora(model: FlashVLModel) -> FlashVLModel:
-  """A copy of `model` whose adapted layers are plain `nnx.Linear`s with `W + (alpha / r) A B` as kernel.
+  """A copy of `model` whose adapted layers are plain `Linear`s with `W + (alpha / r) A B` as kernel.
 
   The input model is left unchanged. The copy has exactly the base model's parameter paths, shapes, dtypes and
   shardings, so it saves and exports like a model that never had adapters.
   """
   merged = nnx.clone(model)
   for _, module in nnx.iter_modules(merged):
-    if isinstance(module, LoRALinear):
+    if isinstance(module, Linear) and module.lora is not None:
       base = module.kernel.get_value()
-      module.kernel = module.kernel.replace(jax.device_put(module.merged_kernel(), base.sharding))
-      for name in LORA_ATTRIBUTES:
-        delattr(module, name)
-      module.__class__ = nnx.Linear
+      kernel = (base.astype(jnp.float32) + module.lora.delta_kernel()).astype(base.dtype)
+      module.kernel = module.kernel.replace(jax.device_put(kernel, base.sharding))
+      module.lora = None
   return merged

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from flashvl_jax.config import ConfigError
+from flashvl_jax.models.layers import LAYER_AXIS
 from flashvl_jax.train.config import OptimizerConfig
 
 
@@ -57,9 +58,16 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+def is_matrix(param: nnx.Variable) -> bool:
+  """Whether one layer's copy of `param` has >= 2 dims (a stacked norm scale [L, D] is still a vector)."""
+  axes = param.get_metadata().get("out_sharding") or ()
+  stacked = bool(axes) and axes[0] == LAYER_AXIS
+  return param.ndim - stacked >= 2
+
+
 def make_optimizer(cfg: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW; weight decay on matrices only."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  decay_mask = lambda params: jax.tree.map(is_matrix, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
   if cfg.grad_clip_norm is None:
     return adamw

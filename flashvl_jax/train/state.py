@@ -1,10 +1,9 @@
 """The training state (trainable parameters, frozen variables, optimizer state, step), its shardings, its
-checkpoints (Orbax, with the Grain iterator), and per-block rematerialisation.
+checkpoints (Orbax, with the Grain iterator).
 """
 
 from __future__ import annotations
 
-import functools
 import pathlib
 from typing import Any, Iterator
 
@@ -17,19 +16,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from flashvl_jax.models.aimv2 import Aimv2EncoderLayer
-from flashvl_jax.models.qwen2 import Qwen2DecoderLayer
-from flashvl_jax.models.siglip import SiglipEncoderLayer
 from flashvl_jax.sharding import replicated, state_shardings
 from flashvl_jax.train.config import CheckpointConfig
 from flashvl_jax.train.optimizer import trainable_filter
-
-BLOCKS = (SiglipEncoderLayer, Aimv2EncoderLayer, Qwen2DecoderLayer)
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only block inputs, recompute everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight-matmul outputs
-}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -65,27 +54,6 @@ def abstract_train_state(model: nnx.Module, trainable: tuple[str, ...], tx: opta
                       opt_state=jax.eval_shape(tx.init, params))
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   return graphdef, state, shardings
-
-
-@functools.cache
-def _remat_class(block: type, policy: str) -> type:
-  """A subclass of `block` whose call is `jax.checkpoint`-ed with `policy`; same parameters and paths."""
-
-  def __call__(self, *args, **kwargs):
-    graphdef, variables = nnx.split(self)
-    run = lambda variables, args, kwargs: block.__call__(nnx.merge(graphdef, variables), *args, **kwargs)
-    return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(variables, args, kwargs)
-
-  return type(block.__name__, (block,), {"__call__": __call__, "__doc__": block.__doc__})
-
-
-def apply_remat(model: nnx.Module, policy: str) -> None:
-  """Rematerialises every ViT and LLM block of `model` in place ('none': leave as is)."""
-  if policy == "none":
-    return
-  for _, module in nnx.iter_modules(model):
-    if type(module) in BLOCKS:
-      module.__class__ = _remat_class(type(module), policy)
 
 
 class Checkpointer:

@@ -23,11 +23,13 @@ from jax.sharding import Mesh
 
 from flashvl_jax import checkpoint
 from flashvl_jax.api import FlashVL
+from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import to_dict
 from flashvl_jax.data.pipeline import make_dataset
 from flashvl_jax.data.sources import JsonSource
 from flashvl_jax.data.synthetic import SyntheticPreferences, SyntheticVQA
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import load_tokenizer
 from flashvl_jax.sharding import create_sharded, make_mesh
@@ -41,7 +43,7 @@ from flashvl_jax.train.losses import check_max_targets
 from flashvl_jax.train.metrics import MetricsLogger, Throughput
 from flashvl_jax.train.optimizer import check_patterns, make_optimizer, make_schedule, path_name
 from flashvl_jax.train.rewards import reward_fn
-from flashvl_jax.train.state import Checkpointer, TrainState, apply_remat, create_train_state
+from flashvl_jax.train.state import Checkpointer, TrainState, create_train_state
 from flashvl_jax.train.steps import Objective, evaluate, make_eval_step, make_train_step, sft_objective, to_global
 
 
@@ -74,7 +76,7 @@ def build_model(cfg: ModelConfig, mesh: Mesh, lora: LoraConfig | None = None) ->
                       nnx.state(loaded))
   if lora is not None:
     add_lora(model, lora)
-  apply_remat(model, cfg.remat)
+  set_remat(model, cfg.remat)
   return model
 
 
@@ -132,6 +134,7 @@ def trainable_components(params: nnx.State) -> dict[str, bool]:
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   """Runs a training stage. Returns `{"step", "train": last metrics, "eval": final eval or None, "model": FlashVL}`."""
   initialize_distributed(cfg.distributed)
+  enable_compilation_cache(cfg.compilation_cache_dir)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh))
   model = build_model(cfg.model, mesh, cfg.lora)
   with jax.set_mesh(mesh):  # activation sharding constraints resolve against it

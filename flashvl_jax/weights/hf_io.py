@@ -137,6 +137,12 @@ def param_shapes(module_or_state: Any) -> dict[str, tuple[int, ...]]:
   return {_path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
 
 
+def param_dtypes(module_or_state: Any) -> dict[str, np.dtype]:
+  """Our path -> dtype, for every nnx.Param (what `mapping.run_import` assembles stacked leaves in)."""
+  state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state, nnx.Param)
+  return {_path_str(p): np.dtype(v.dtype) for p, v in nnx.to_flat_state(state)}
+
+
 def param_arrays(module: nnx.Module) -> dict[str, jax.Array]:
   """Our path -> array for every nnx.Param."""
   return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
@@ -152,7 +158,8 @@ def load_params(module: nnx.Module, table: Table, reader: SafetensorsReader, wha
   state = nnx.state(module, nnx.Param)
   variables = {_path_str(p): v for p, v in nnx.to_flat_state(state)}
   steps = table.plan_import(reader.shapes(), {k: tuple(v.shape) for k, v in variables.items()}, what=what)
-  for path, arr in run_import(steps, reader.get):
+  dtypes = {k: np.dtype(v.get_value().dtype) for k, v in variables.items()}
+  for path, arr in run_import(steps, reader.get, dtypes):
     var = variables[path]
     if shardings is None:
       var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
@@ -179,5 +186,5 @@ def load_hf_module(make_module: Callable[[], nnx.Module], table: Table, reader: 
 
 __all__ = [
     "ARCHITECTURES", "CheckpointError", "detect_architecture", "SafetensorsReader", "WeightMappingError", "hf_dtype", "hf_rope_theta", "hf_value",
-    "load_hf_module", "load_params", "param_arrays", "param_shapes", "read_hf_config"
+    "load_hf_module", "load_params", "param_arrays", "param_dtypes", "param_shapes", "read_hf_config"
 ]
