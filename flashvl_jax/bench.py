@@ -1,6 +1,6 @@
 """`python -m flashvl_jax.bench`: generation speed of our sampler and of PyTorch transformers on the same weights.
 
-Protocol (the paper's, DESIGN.md §8): batch 1, one image, an MMMU-style multiple-choice question, 128 new tokens,
+Protocol (the paper's): batch 1, one image, an MMMU-style multiple-choice question, 128 new tokens,
 greedy, stop ids off so every run makes all 128. Per variant (static / dynamic / iss presets at full or tiny size)
 a random PyTorch Flash-VL (`TorchFlashVL`: HF SigLIP or AIMv2, the adapter, HF Qwen2) is built, written in the
 released layout and loaded by us, so both sides run the same weights on the same hardware.

@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-PRESETS = {"static": "flashvl-2b-static", "iss": "flashvl-2b-dynamic-iss"}
+PRESETS = {"full": {"static": "flashvl-2b-static", "iss": "flashvl-2b-dynamic-iss"},
+           "tiny": {"static": "tiny-static", "iss": "tiny-iss"}}
 PASS_THROUGH = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "opt-barrier", "conditional", "call"}
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[^}]*\})? ([\w-]+)\(")
 
@@ -116,6 +117,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m flashvl_jax.bench --compile", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--size", choices=tuple(PRESETS), default="full", help="model presets (default full)")
   parser.add_argument("--variants", default="static,iss", help="comma-separated: static, iss")
   parser.add_argument("--depths", default="2,full", help="layers per tower to compile at: numbers and/or 'full'")
   parser.add_argument("--parts", default="sampler,train", help="sampler (prefill + decode) and/or train")
@@ -132,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(measure(args.one, args.preset, args.layers, args.topology)))
     return 0
   variants = [v for v in args.variants.split(",") if v]
-  unknown = set(variants) - set(PRESETS)
+  unknown = set(variants) - set(PRESETS[args.size])
   if unknown:
-    print(f"error: unknown variants {sorted(unknown)}; choose from {sorted(PRESETS)}", file=sys.stderr)
+    print(f"error: unknown variants {sorted(unknown)}; choose from {sorted(PRESETS[args.size])}", file=sys.stderr)
     return 2
   depths = [None if d == "full" else int(d) for d in args.depths.split(",") if d]
   runs = [("cold", dict(os.environ))]
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for part in [p for p in args.parts.split(",") if p]:
       for layers in depths:
         for label, env in runs:
-          r = run_child(part, PRESETS[variant], layers, args.topology, env)
+          r = run_child(part, PRESETS[args.size][variant], layers, args.topology, env)
           r["run"] = label
           print(("" if len(runs) == 1 else f"[{label}] ") + format_row(r), flush=True)
           results.append(r)

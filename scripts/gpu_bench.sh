@@ -10,8 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 size=full; steps=6; batch=8; length=1024; preset=flashvl-2b-static; dtype=bfloat16
+bench_flags=(--batch-sizes 1,8,32 --new-tokens 64 --repeats 3)
 if [[ "${1:-}" == "--tiny" ]]; then
   size=tiny; steps=2; batch=2; length=128; preset=tiny-static; dtype=float32
+  bench_flags=(--batch-sizes 1,2 --new-tokens 8 --repeats 1)
 elif [[ $# -gt 0 ]]; then
   echo "error: unknown argument $1 (use --tiny or nothing)" >&2
   exit 2
@@ -29,8 +31,8 @@ echo "== parity (fp32 and bf16 against transformers on this device)"
 python -m flashvl_jax.parity | tee "$out/parity.txt"
 
 echo "== generation: JAX vs PyTorch, ${size} presets, ${dtype}"
-python -m flashvl_jax.bench --size "$size" --variants static,iss --dtype "$dtype" --batch-sizes 1,8,32 \
-    --new-tokens 64 --repeats 3 --json "$out/bench.json" | tee "$out/bench.txt"
+python -m flashvl_jax.bench --size "$size" --variants static,iss --dtype "$dtype" "${bench_flags[@]}" \
+    --json "$out/bench.json" | tee "$out/bench.txt"
 
 if [[ "$size" == full ]]; then
   echo "== compile time and host memory (2 layers vs full depth)"
