@@ -77,6 +77,7 @@ def test_compile_bench_cli_on_tiny_presets(tmp_path):
   assert bad.returncode == 2 and bad.stderr.startswith("error: unknown variants ['dynamic']")
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_its_tiny_mode_on_cpu(tmp_path):
   done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "--tiny"], capture_output=True, text=True,
                         timeout=900, env={**os.environ, "OUT": str(tmp_path)}, cwd=ROOT)
