@@ -30,7 +30,8 @@ _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])(?:\{[^}]*\})? ([
 
 def stacked_weight_copies(hlo_text: str, shapes: Sequence[str]) -> list[str]:
   """Instructions of a compiled module that produce a value shaped like a stacked weight (`shapes`, HLO spelling
-  such as 'bf16[28,1536,8960]') other than by passing it through: each would copy a whole stack."""
+  such as 'bf16[28,1536,8960]') other than by passing it through: each would copy a whole stack. Meaningful for
+  stacks of 2 or more layers: XLA removes a one-step loop, and a [1, ...] "stack" is then just that layer."""
   wanted = set(shapes)
   found = []
   for line in hlo_text.splitlines():
