@@ -48,11 +48,9 @@ python -m flashvl_jax.train stage2_full "model.preset=$preset" "model.compute_dt
     "output_dir=$out/train" 2>&1 | tail -n 5
 python - "$out/train/metrics.jsonl" <<'EOF' | tee "$out/train.txt"
 import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if '"train/' in line or '"tokens_per_s"' in line]
-rows = [r for r in rows if "tokens_per_s" in r or "train/tokens_per_s" in r][1:]  # the first step compiles
-key = lambda r, k: r.get(k, r.get(f"train/{k}"))
-tps = statistics.median(key(r, "tokens_per_s") for r in rows)
-mfu = [key(r, "mfu") for r in rows if key(r, "mfu") is not None]
+rows = [r for r in map(json.loads, open(sys.argv[1])) if "train/tokens_per_s" in r][1:]  # the first step compiles
+tps = statistics.median(r["train/tokens_per_s"] for r in rows)
+mfu = [r["train/mfu"] for r in rows if "train/mfu" in r]
 print(f"train step: {tps:,.0f} tokens/s" + (f", MFU {statistics.median(mfu):.1%}" if mfu else ", MFU n/a (unknown peak)"))
 EOF
 echo "results in $out/"

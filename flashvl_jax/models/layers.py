@@ -235,7 +235,7 @@ class LayerStack(nnx.Module):
   """
 
   layers: nnx.Module
-  remat_policy: str = "none"
+  remat_policy: str  # set to "none" by each subclass's __init__
 
   def run_layers(self, h: jax.Array, per_layer: Any = None, **kwargs) -> tuple[jax.Array, Any]:
     """Runs layer i = 0..L-1 as `layer_i(h, **kwargs)`, or `layer_i(h, per_layer[i], **kwargs)` when `per_layer`
