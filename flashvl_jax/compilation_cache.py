@@ -16,15 +16,17 @@ import jax
 ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path | None:
-  """Caches every compilation that takes over half a second in `directory` (default `$JAX_COMPILATION_CACHE_DIR`;
-  neither set: the cache stays off). Returns the directory in use, or None."""
+def enable_compilation_cache(directory: str | os.PathLike | None = None,
+                             min_compile_seconds: float = 0.5) -> pathlib.Path | None:
+  """Caches every compilation that takes over `min_compile_seconds` in `directory` (default
+  `$JAX_COMPILATION_CACHE_DIR`; neither set: the cache stays off). Quicker compilations are not worth a disk
+  read. Returns the directory in use, or None."""
   directory = directory or os.environ.get(ENV_VAR)
   if not directory:
     return None
   path = pathlib.Path(directory).expanduser().absolute()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
