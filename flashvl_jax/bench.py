@@ -45,6 +45,7 @@ from flashvl_jax.api import FlashVL
 from flashvl_jax.chat import default_dtype
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import FlashVLConfig, load_config
+from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.image import normalize
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tiling import max_image_tokens
@@ -166,7 +167,7 @@ def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int
                               batch["image_patch_index"], max_new_tokens=new_tokens)
     carry = jax.block_until_ready(sampler.prefill(prompts, params, stop_ids=(), attention=attention))
     ttft = time.perf_counter() - start
-    carry = sampler.decode(carry, new_tokens, params, stop_ids=())
+    carry = sampler.decode(carry, new_tokens, params, stop_ids=(), attention=attention)
     tokens = np.asarray(carry["tokens"])
     return ttft, time.perf_counter() - start, tokens[:, :new_tokens]
 
@@ -177,7 +178,8 @@ def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int
   compiled = {k: v - traces.get(k, 0) for k, v in sampler.trace_counts.items()}
   return dict(ttft_s=ttft, tpot_s=(total - ttft) / (new_tokens - 1), tokens_per_s=new_tokens / total,
               total_s=total, compile_s=first_total - total, compiled=compiled, tokens=tokens[0].tolist(),
-              attention=sampler.resolve_attention(attention))
+              attention=sampler.resolve_attention(attention),
+              decode_attention=sampler.resolve_attention(attention, decode=True))
 
 
 def jax_decode_throughput(model: FlashVL, batch: dict[str, np.ndarray], batch_size: int, new_tokens: int,
@@ -191,21 +193,26 @@ def jax_decode_throughput(model: FlashVL, batch: dict[str, np.ndarray], batch_si
 
   def run() -> float:
     carry = jax.block_until_ready(sampler.prefill(prompts, params, stop_ids=(), attention=attention))
-    seconds, _ = _timed(lambda: jax.block_until_ready(sampler.decode(carry, new_tokens, params, stop_ids=())))
+    seconds, _ = _timed(lambda: jax.block_until_ready(sampler.decode(carry, new_tokens, params, stop_ids=(),
+                                                                             attention=attention)))
     return seconds
 
   run()
   return batch_size * (new_tokens - 1) / run()
 
 
-def jax_vision(model: FlashVL, tiles: np.ndarray, repeats: int) -> float:
-  """Vision-tower images (tiles) per second on a batch of uint8 tiles [N, S, S, 3]."""
+def jax_vision(model: FlashVL, tiles: np.ndarray, repeats: int, attention: str) -> float:
+  """Vision-tower images (tiles) per second on a batch of uint8 tiles [N, S, S, 3], with the prefill's
+  attention implementation."""
   sampler = sampling.sampler_for(model)
   kind = model.config.vision.kind
+  implementation = sampler.resolve_attention(attention)
 
   @jax.jit
   def encode(state, pixels):
-    return nnx.merge(sampler.graphdef, state).vit.forward_features(normalize(pixels, kind))[1]
+    vit = nnx.merge(sampler.graphdef, state).vit
+    set_attention(vit, implementation)
+    return vit.forward_features(normalize(pixels, kind))[1]
 
   pixels = jnp.asarray(tiles)
   jax.block_until_ready(encode(sampler.state, pixels))
@@ -377,7 +384,7 @@ def run_variant(variant: str, preset: str, args: argparse.Namespace, workdir: pa
   result["jax"] = jax_generation(model, batch, args.new_tokens, args.repeats, args.attention)
   result["jax"]["decode_tokens_per_s"] = {
       b: jax_decode_throughput(model, batch, b, args.new_tokens, args.attention) for b in args.batch_sizes}
-  result["jax"]["vision_images_per_s"] = jax_vision(model, tiles, args.repeats)
+  result["jax"]["vision_images_per_s"] = jax_vision(model, tiles, args.repeats, args.attention)
   peak = args.device_peak_tflops * 1e12 if args.device_peak_tflops else peak_flops_per_device(
       jax.devices()[0].device_kind)
   result["vision_flops_per_image"] = vit_flops_per_tile(cfg)
@@ -434,7 +441,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--batch-sizes", default="1,8,32", help="batched decode throughput at these batch sizes")
   parser.add_argument("--vision-batch", type=int, default=8, help="tiles per vision-tower call")
   parser.add_argument("--device-peak-tflops", type=float, help="peak TFLOP/s of one device for MFU")
-  parser.add_argument("--attention", choices=sampling.ATTENTION_CHOICES, default="auto", help="prefill attention")
+  parser.add_argument("--attention", choices=sampling.ATTENTION_CHOICES, default="auto",
+                      help="attention implementation (default auto: looped on CPU, cuDNN for a GPU's prefill)")
   parser.add_argument("--skip-torch", action="store_true", help="measure our sampler only")
   parser.add_argument("--seed", type=int, default=0, help="random weights")
   parser.add_argument("--json", type=pathlib.Path, help="write the results (and the environment) here")

@@ -218,10 +218,11 @@ def interleaved_rope(x, cos, sin):
 
 def kv_expanded_attention(expand):
   """`attention` with KV heads expanded to all query heads by `expand` (jnp.repeat is HF's mapping)."""
+  real = layers.attention
 
   def attn(q, k, v, **kw):
     group = q.shape[2] // k.shape[2]
-    return layers.attention(q, expand(k, group), expand(v, group), **kw)
+    return real(q, expand(k, group), expand(v, group), **kw)
 
   return attn
 
@@ -233,9 +234,9 @@ def zero_qkv_biases(model):
 
 
 MISTAKES = {
-    "interleaved_rope": ("apply_rope", interleaved_rope),
-    "tiled_gqa": ("attention", kv_expanded_attention(lambda x, g: jnp.tile(x, (1, 1, g, 1)))),
-    "theta_1e4": ("rope_cos_sin", lambda pos, dim, theta, dtype: layers.rope_cos_sin(pos, dim, 1e4, dtype)),
+    "interleaved_rope": (qwen2_model, "apply_rope", interleaved_rope),
+    "tiled_gqa": (layers, "attention", kv_expanded_attention(lambda x, g: jnp.tile(x, (1, 1, g, 1)))),
+    "theta_1e4": (qwen2_model, "rope_cos_sin", lambda pos, dim, theta, dtype: layers.rope_cos_sin(pos, dim, 1e4, dtype)),
     "no_qkv_bias": None,
 }
 
@@ -248,7 +249,7 @@ def test_plausible_mistakes_break_tolerance(tiny, monkeypatch, mistake):
   if MISTAKES[mistake] is None:
     zero_qkv_biases(model)
   else:
-    monkeypatch.setattr(qwen2_model, *MISTAKES[mistake])
+    monkeypatch.setattr(*MISTAKES[mistake])
   err = max_diff(model(jnp.asarray(ids)), expected)
   print(f"{mistake}: max abs diff {err:.2e}")
   assert err > 100 * TOL
@@ -258,7 +259,7 @@ def test_repeated_gqa_control(tiny, monkeypatch):
   """The expansion hook used for the tiled-GQA mistake passes with HF's repeat-interleave mapping."""
   ids = random_ids((2, 12))
   model = load_qwen2(tiny["tied"][0])
-  monkeypatch.setattr(qwen2_model, "attention", kv_expanded_attention(lambda x, g: jnp.repeat(x, g, axis=2)))
+  monkeypatch.setattr(layers, "attention", kv_expanded_attention(lambda x, g: jnp.repeat(x, g, axis=2)))
   assert max_diff(model(jnp.asarray(ids)), torch_logits(tiny["tied"][1], ids)) <= TOL
 
 

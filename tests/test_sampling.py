@@ -254,26 +254,61 @@ def test_input_errors(pair, prompts):
     one(model, ids, pixels, do_sample=True, temperature=0.0)
 
 
-def test_cudnn_attention_option_matches_portable_path(monkeypatch):
-  """The 'cudnn' branch's call of `jax.nn.dot_product_attention` (mask layout, GQA, scale), run by its XLA
-  backend on CPU, equals the portable path; on a GPU the cuDNN kernel itself is checked in bf16."""
+@pytest.mark.parametrize("mask_heads", [1, 8])
+def test_attention_implementations_agree(monkeypatch, mask_heads):
+  """'looped' (one (batch, KV head) pair at a time) and the 'cudnn' branch's call of `jax.nn.dot_product_attention`
+  (mask layout, GQA, scale; run by its XLA backend on CPU) equal the all-heads 'xla' path, with a mask shared by
+  the heads or one per head; on a GPU the cuDNN kernel itself is checked in bf16."""
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 16, 8, 64), (2, 24, 2, 64), (2, 24, 2, 64)))
   causal = jnp.arange(24)[None, :] <= jnp.arange(16)[:, None] + 8
   mask = causal[None, None] & (jnp.arange(24)[None, :] >= jnp.asarray([[3], [0]]))[:, None, None]  # [2, 1, 16, 24]
+  if mask_heads > 1:  # head h also hides its first h keys
+    mask = mask & (jnp.arange(24)[None, :] >= jnp.arange(mask_heads)[:, None])[None, :, None]
   run = lambda implementation, *qkv: jax.jit(
       lambda q, k, v: layers.attention(q, k, v, scale=0.125, mask=mask, implementation=implementation))(*qkv)
   expected = run("xla", q, k, v)
+  np.testing.assert_allclose(run("looped", q, k, v), expected, atol=1e-5)
+  unmasked = jax.jit(lambda q, k, v, implementation: layers.attention(q, k, v, scale=0.125,
+                                                                      implementation=implementation),
+                     static_argnames="implementation")
+  np.testing.assert_allclose(unmasked(q, k, v, "looped"), unmasked(q, k, v, "xla"), atol=1e-5)
   if jax.default_backend() == "gpu":
     got = run("cudnn", *(x.astype(jnp.bfloat16) for x in (q, k, v)))
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=2e-2)
   real = jax.nn.dot_product_attention
   monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: real(*a, **{**kw, "implementation": "xla"}))
-  with layers.attention_implementation("cudnn"):
-    got = jax.jit(lambda q, k, v: layers.attention(q, k, v, scale=0.125, mask=mask))(q, k, v)
-  np.testing.assert_allclose(got, expected, atol=1e-5)
+  np.testing.assert_allclose(run("cudnn", q, k, v), expected, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention implementation"):
     layers.attention(q, k, v, scale=0.125, implementation="flash")
+
+
+def test_attention_argument_reaches_both_towers_of_the_traced_copy_only():
+  """Prefill's `attention` reaches the vision tower's and the LLM's attention modules, decode's the LLM's, in the
+  traced copy only: the sampler's own module keeps 'xla' as built. 'auto' is 'looped' on CPU."""
+  cfg = load_config("tiny-static")
+  model = FlashVLModel(cfg, rngs=nnx.Rngs(0))
+  sampler = sampling.Sampler(model)
+  batch = Processor.from_preset(cfg)([Image.new("RGB", (64, 64))], [[{"role": "user", "content": "Hi"}]],
+                                     add_generation_prompt=True)
+  seen = []
+  real = layers.attention
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(layers, "attention", lambda *a, implementation, **kw: (seen.append(implementation),
+                                                                         real(*a, implementation=implementation,
+                                                                              **kw))[1])
+    params = sampling.SamplingParams()
+    prompts = sampler.prepare(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                              batch["image_patch_index"], max_new_tokens=4)
+    carry = sampler.prefill(prompts, params, attention="auto")
+    prefill_calls = list(seen)
+    sampler.decode(carry, 4, params, attention="xla")
+  assert sampler.resolve_attention("auto") == sampler.resolve_attention("auto", decode=True) == "looped"
+  assert prefill_calls == ["looped", "looped"]  # one traced call per scanned stack: vision tower, LLM
+  assert set(seen[len(prefill_calls):]) == {"xla"}
+  assert {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, layers.AttentionModule)} == {"xla"}
+  with pytest.raises(ValueError, match="unknown attention implementation"):
+    layers.set_attention(model, "flash")
 
 
 def test_full_size_iss_prefill_and_decode_shapes():
@@ -294,5 +329,5 @@ def test_full_size_iss_prefill_and_decode_shapes():
   assert carry["cache"]["k"].shape == (28, 1, 1024 + 128, 2, 128) and carry["cache"]["k"].dtype == jnp.bfloat16
   assert carry["tokens"].shape == (1, 128)
   out = jax.eval_shape(lambda state, carry: sampler._decode(  # pylint: disable=protected-access
-      state, carry, jnp.int32(128), knobs, stop, do_sample=False), sampler.state, carry)
+      state, carry, jnp.int32(128), knobs, stop, do_sample=False, attention="looped"), sampler.state, carry)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), out) == jax.tree.map(lambda a: (a.shape, a.dtype), carry)

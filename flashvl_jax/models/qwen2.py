@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flashvl_jax.config import LLMConfig
-from flashvl_jax.models.layers import (LayerStack, RMSNorm, SwiGLU, apply_rope, attention, linear, merge_heads,
+from flashvl_jax.models.layers import (AttentionModule, LayerStack, RMSNorm, SwiGLU, apply_rope, linear, merge_heads,
                                        rope_cos_sin, split_heads, stack_layers, to_dtype)
 from flashvl_jax.sharding import constrain
 
@@ -33,13 +33,14 @@ KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}
 LayerCache = tuple[jax.Array, jax.Array]  # one layer's (k, v), each [B, S, K, hd]
 
 
-class Qwen2Attention(nnx.Module):
+class Qwen2Attention(AttentionModule):
   """GQA self-attention: q/k/v projections with bias, o_proj without; RoPE on q and k."""
 
   def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.num_heads = cfg.num_attention_heads
     self.num_kv_heads = cfg.num_key_value_heads
     self.head_dim = cfg.head_dim
+    self.implementation = "xla"
     d, q_out, kv_out = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(d, q_out, ("embed", "heads"), use_bias=True, **kw)
@@ -62,7 +63,7 @@ class Qwen2Attention(nnx.Module):
       start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
       cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
       k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
-    out = attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+    out = self.attend(q, k, v, scale=self.head_dim**-0.5, mask=mask)
     return self.o_proj(merge_heads(out)), cache
 
 

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax.config import VisionConfig
-from flashvl_jax.models.layers import (LayerNorm, LayerStack, attention, check_pixels, linear, merge_heads, split_heads,
-                                       stack_layers, to_dtype)
+from flashvl_jax.models.layers import (AttentionModule, LayerNorm, LayerStack, check_pixels, linear, merge_heads,
+                                       split_heads, stack_layers, to_dtype)
 from flashvl_jax.sharding import constrain
 
 ACT = ("batch", "length", "act_embed")  # activation roles at block boundaries
@@ -87,7 +87,7 @@ def resize_positions(table: jax.Array, grid: int, new_h: int, new_w: int) -> jax
   return out.reshape(new_h * new_w, -1)
 
 
-class VisionAttention(nnx.Module):
+class VisionAttention(AttentionModule):
   """Bidirectional multi-head attention (no mask) with separate q/k/v/out projections, scale head_dim^-0.5.
 
   Keys and values come from `context` (default: `x` itself, i.e. self-attention).
@@ -96,6 +96,7 @@ class VisionAttention(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.scale = (hidden // num_heads)**-0.5
+    self.implementation = "xla"
     kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = linear(hidden, hidden, ("embed", "heads"), **kw)
     self.k_proj = linear(hidden, hidden, ("embed", "heads"), **kw)
@@ -108,7 +109,7 @@ class VisionAttention(nnx.Module):
     q = constrain(split_heads(self.q_proj(x), self.num_heads), heads)
     k = constrain(split_heads(self.k_proj(context), self.num_heads), heads)
     v = constrain(split_heads(self.v_proj(context), self.num_heads), heads)
-    return self.out_proj(merge_heads(attention(q, k, v, scale=self.scale)))
+    return self.out_proj(merge_heads(self.attend(q, k, v, scale=self.scale)))
 
 
 class VisionEncoder(LayerStack):
