@@ -45,6 +45,7 @@ from flashvl_jax.api import FlashVL
 from flashvl_jax.chat import default_dtype
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import FlashVLConfig, load_config
+from flashvl_jax.host_memory import peak_rss_gb
 from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.image import normalize
 from flashvl_jax.preprocess.processor import Processor
@@ -373,6 +374,7 @@ def run_variant(variant: str, preset: str, args: argparse.Namespace, workdir: pa
         b: torch_decode_throughput(ref, inputs, b, args.new_tokens) for b in args.batch_sizes}
     result["torch"]["vision_images_per_s"] = torch_vision(ref, tiles, cfg.vision.kind, torch_dtype, device,
                                                           args.repeats)
+  result["peak_rss_gb_after_torch"] = peak_rss_gb()
   del ref
   gc.collect()
   if device == "cuda":
@@ -385,6 +387,7 @@ def run_variant(variant: str, preset: str, args: argparse.Namespace, workdir: pa
   result["jax"]["decode_tokens_per_s"] = {
       b: jax_decode_throughput(model, batch, b, args.new_tokens, args.attention) for b in args.batch_sizes}
   result["jax"]["vision_images_per_s"] = jax_vision(model, tiles, args.repeats, args.attention)
+  result["peak_rss_gb"] = peak_rss_gb()
   peak = args.device_peak_tflops * 1e12 if args.device_peak_tflops else peak_flops_per_device(
       jax.devices()[0].device_kind)
   result["vision_flops_per_image"] = vit_flops_per_tile(cfg)
@@ -423,6 +426,8 @@ def format_result(r: dict[str, Any]) -> str:
   lines.append(f"  JAX compile {r['jax']['compile_s']:.1f} s ({r['jax']['compiled']}), prefill attention "
                f"{r['jax']['attention']}" + ("" if r["jax"]["vision_mfu"] is not None else
                                              "; MFU needs --device-peak-tflops on this device"))
+  lines.append(f"  peak host RSS of this process so far: {r['peak_rss_gb_after_torch']:.2f} GB after PyTorch's side, "
+               f"{r['peak_rss_gb']:.2f} GB after ours")
   if "speedup" in r:
     lines.append("  JAX / PyTorch: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items()))
     lines.append(f"  greedy tokens identical for the first {r['same_greedy_prefix']} of {r['new_tokens']}")

@@ -16,11 +16,12 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from typing import Any, Sequence
+
+from flashvl_jax.host_memory import peak_rss_gb
 
 PRESETS = {"full": {"static": "flashvl-2b-static", "iss": "flashvl-2b-dynamic-iss"},
            "tiny": {"static": "tiny-static", "iss": "tiny-iss"}}
@@ -87,7 +88,7 @@ def measure(part: str, preset: str, layers: int | None, topology: str | None) ->
     result["train_step_peak_gib_per_device"] = aot.memory_report(compiled)["peak_gib"]
     result["target"] = topology or "host"
   result["timings"] = timings
-  result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+  result["peak_rss_gb"] = peak_rss_gb()
   return result
 
 

@@ -106,7 +106,8 @@ def test_import_assembles_stacked_leaves_one_group_at_a_time_in_the_target_dtype
   assert up_reads == list(range(up_reads[0], up_reads[0] + 2))
 
 
-def test_decode_reads_the_stacked_weights_in_place():
+@pytest.mark.parametrize("attention", ["xla", "looped"])
+def test_decode_reads_the_stacked_weights_in_place(attention):
   """The compiled decode loop never materialises a whole stacked weight (only parameters and tuple plumbing carry
   those shapes), and its temporaries are smaller than the stacked weights themselves."""
   cfg = load_config("tiny-static", ["llm.num_hidden_layers=4", "llm.hidden_size=128", "llm.intermediate_size=512",
@@ -116,7 +117,7 @@ def test_decode_reads_the_stacked_weights_in_place():
   params = sampling.SamplingParams()
   carry = sampler.prefill(sampler.prepare(np.ones((1, 10), np.int32), max_new_tokens=8), params)
   compiled = sampler._decode.lower(sampler.state, carry, jnp.int32(8), params.arrays(), sampling._stop_array((1,)),
-                                   do_sample=False).compile()
+                                   do_sample=False, attention=attention).compile()
   stacked = [v for _, v in nnx.to_flat_state(nnx.state(model.llm.model.layers, nnx.Param))]
   shapes = sorted({hlo_shape(v.shape, v.dtype) for v in stacked})
   text = compiled.as_text()

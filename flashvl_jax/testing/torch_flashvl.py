@@ -105,7 +105,7 @@ def save_released_layout(model: TorchFlashVL, out_dir: str | pathlib.Path, *, im
   tensors = {}
   for prefix, module in (("vit.", vit), ("adp.", model.adp), ("llm.", model.llm)):
     for k, v in module.state_dict().items():
-      tensors[prefix + k] = v.detach().contiguous().clone()
+      tensors[prefix + k] = v.detach().contiguous()  # no copy: safetensors writes from the tensors' memory
   if model.llm.config.tie_word_embeddings:
     tensors.pop("llm.lm_head.weight", None)
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -144,7 +144,7 @@ def compile_sampler(cfg: TrainConfig, mesh: Mesh, timings: dict[str, float] | No
     carry = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefill.out_info,
                          prefill.output_shardings)
     lowered = _timed(timings, "decode_lower", lambda: sampler._decode.lower(
-        state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=grpo))
+        state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=grpo, attention="xla"))
     decode = _timed(timings, "decode_compile", lowered.compile)
   return prefill, decode
 
