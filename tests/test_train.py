@@ -18,7 +18,7 @@ from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import load_tokenizer
 from flashvl_jax.sharding import make_mesh, state_shardings
 from flashvl_jax.train import flops
-from flashvl_jax.train.config import load_train_config
+from flashvl_jax.train.config import ModelConfig, load_train_config
 from flashvl_jax.train.losses import cross_entropy_sum, select_targets
 from flashvl_jax.train.optimizer import make_optimizer, make_schedule, path_name
 from flashvl_jax.models.layers import set_remat
@@ -86,10 +86,11 @@ def leaves(tree):
   return [np.array(x) for x in jax.tree.leaves(tree)]
 
 
-def run_steps(model, cfg, mesh, batches, tx, *, grad_accum_steps=1, max_targets=None):
+def run_steps(model, cfg, mesh, batches, tx, *, grad_accum_steps=1, max_targets=None, frozen_dtype="float32"):
   """(parameters before and after each step, per-step metrics, final state): one step per batch."""
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh)
+    graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh,
+                                                    frozen_dtype=frozen_dtype)
     step = make_train_step(graphdef, tx, optax.constant_schedule(0.0), shardings, mesh, sft_objective(max_targets),
                            grad_accum_steps=grad_accum_steps)
     params, metrics = [leaves(state.params)], []
@@ -219,6 +220,26 @@ def test_frozen_parameters_get_no_state_and_stay_bit_identical(tiny, initial_mod
   opt_state = leaves(state.opt_state)
   assert sum(x.size for x in opt_state if x.ndim) == 2 * adapter_size  # Adam mu and nu of the adapter only
   assert all(x.dtype == np.int32 for x in opt_state if not x.ndim)  # and step counters
+
+
+def test_frozen_parameters_in_bfloat16(tiny, initial_model, batches):
+  """`frozen_dtype=bfloat16` (the config default) stores the frozen towers rounded to bf16, never updates them, keeps
+  the trainable parameters in fp32, and trains to nearly the same loss as fp32 frozen towers."""
+  cfg = dataclasses.replace(tiny, optimizer=dataclasses.replace(tiny.optimizer, trainable=(r"^adp\.",)))
+  assert ModelConfig().frozen_dtype == "bfloat16"
+  tx = make_optimizer(cfg.optimizer, make_schedule(cfg.optimizer, 10))
+  initial_frozen = leaves(nnx.state(nnx.merge(*initial_model), nnx.Not(nnx.PathContains("adp"))))
+  mesh = one_device_mesh()
+  runs = {dtype: run_steps(fresh_model(initial_model, mesh), cfg, mesh, batches[:2], tx, frozen_dtype=dtype)
+          for dtype in ("float32", "bfloat16")}
+  params, metrics, state = runs["bfloat16"]
+  floating = [(b, a) for b, a in zip(initial_frozen, leaves(state.frozen), strict=True) if b.dtype == np.float32]
+  assert floating and all(a.dtype == jnp.bfloat16 for _, a in floating)
+  for before, after in floating:
+    np.testing.assert_array_equal(before.astype(jnp.bfloat16), after)
+  assert all(x.dtype == np.float32 for x in params[-1])
+  fp32_loss, bf16_loss = (float(runs[d][1][-1]["loss"]) for d in ("float32", "bfloat16"))
+  assert abs(bf16_loss - fp32_loss) < 0.02 * abs(fp32_loss), (fp32_loss, bf16_loss)
 
 
 @pytest.mark.parametrize("preset", ["flashvl-2b-static", "flashvl-2b-dynamic"])

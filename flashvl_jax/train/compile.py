@@ -107,7 +107,8 @@ def compile_train_step(cfg: TrainConfig, mesh: Mesh,
   set_remat(model, cfg.model.remat)
   schedule = make_schedule(cfg.optimizer, cfg.steps or 1)  # the step count only changes schedule constants
   tx = make_optimizer(cfg.optimizer, schedule)
-  graphdef, state, shardings = abstract_train_state(model, cfg.optimizer.trainable, tx, mesh)
+  graphdef, state, shardings = abstract_train_state(model, cfg.optimizer.trainable, tx, mesh,
+                                                    frozen_dtype=cfg.model.frozen_dtype)
   step = make_train_step(graphdef, tx, schedule, shardings, mesh, make_objective(cfg),
                          grad_accum_steps=cfg.grad_accum_steps)
   with jax.set_mesh(mesh):

@@ -25,7 +25,8 @@ class ModelConfig:
   overrides: tuple[str, ...] = ()  # `key=value` applied to the preset, e.g. "llm.num_hidden_layers=4"
   init: str | None = None  # a model checkpoint (flashvl_jax.checkpoint) to start from, its config replacing the
   # preset's (overrides still apply); None: random initialisation
-  compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # parameters are always kept in float32
+  compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # trainable parameters are always kept in float32
+  frozen_dtype: Literal["float32", "bfloat16"] = "bfloat16"  # parameters no `optimizer.trainable` regex matches
   remat: str = "none"  # per-layer rematerialisation of ViT and LLM layers: `layers.REMAT_CHOICES`
   seed: int = 0
 

@@ -24,7 +24,7 @@ from flashvl_jax.train.optimizer import trainable_filter
 class TrainState:
   step: jax.Array  # optimizer steps taken
   params: nnx.State  # trainable parameters, float32
-  frozen: nnx.State  # every other model variable
+  frozen: nnx.State  # every other model variable (floating point in `ModelConfig.frozen_dtype`)
   opt_state: optax.OptState  # over `params` only
 
 
@@ -35,10 +35,27 @@ def train_state_shardings(params: nnx.State, frozen: nnx.State, tx: optax.Gradie
                     opt_state=state_shardings(jax.eval_shape(tx.init, params), mesh))
 
 
+def cast_frozen(frozen: nnx.State, dtype: str) -> nnx.State:
+  """The frozen variables with floating-point arrays (or their shapes) in `dtype`: bfloat16 halves their memory,
+  and as they are never updated no small update can be lost to rounding."""
+  target = jnp.dtype(dtype)
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == target:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, target, sharding=x.sharding)
+    return x.astype(target)
+
+  return jax.tree.map(cast, frozen)
+
+
 def create_train_state(model: nnx.Module, trainable: tuple[str, ...], tx: optax.GradientTransformation,
-                       mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """(graphdef, state, shardings): the model split by the `trainable` regexes, optimizer state built sharded."""
+                       mesh: Mesh, *, frozen_dtype: str = "float32") -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, state, shardings): the model split by the `trainable` regexes, optimizer state built sharded,
+  frozen parameters cast to `frozen_dtype`."""
   graphdef, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
+  frozen = cast_frozen(frozen, frozen_dtype)
   shardings = train_state_shardings(params, frozen, tx, mesh)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
@@ -46,9 +63,10 @@ def create_train_state(model: nnx.Module, trainable: tuple[str, ...], tx: optax.
 
 
 def abstract_train_state(model: nnx.Module, trainable: tuple[str, ...], tx: optax.GradientTransformation,
-                         mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+                         mesh: Mesh, *, frozen_dtype: str = "float32") -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Like `create_train_state` for an abstract model (`nnx.eval_shape`): shapes with shardings, no arrays."""
   graphdef, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
+  frozen = cast_frozen(frozen, frozen_dtype)
   shardings = train_state_shardings(params, frozen, tx, mesh)
   shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, frozen=frozen,
                       opt_state=jax.eval_shape(tx.init, params))

@@ -150,7 +150,8 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
   total_steps = cfg.steps or cfg.epochs * data.train_size // cfg.global_batch_size
   schedule = make_schedule(cfg.optimizer, total_steps)
   tx = make_optimizer(cfg.optimizer, schedule)
-  graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh)
+  graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh,
+                                                  frozen_dtype=cfg.model.frozen_dtype)
   if cfg.objective != "sft":
     check_lora_only(state.params, cfg.objective.upper())
   model_cfg = model.config
