@@ -41,8 +41,7 @@ from flax import nnx
 from PIL import Image
 
 from flashvl_jax import sampling
-from flashvl_jax.api import FlashVL
-from flashvl_jax.chat import default_dtype
+from flashvl_jax.api import FlashVL, default_dtype
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import FlashVLConfig, load_config
 from flashvl_jax.host_memory import peak_rss_gb
@@ -158,7 +157,7 @@ def _repeat_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarr
 def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int, repeats: int,
                    attention: str) -> dict[str, Any]:
   """TTFT / TPOT / tok/s of the sampler on `batch` (stop ids off), plus compile time and compilations."""
-  sampler = sampling.sampler_for(model)
+  sampler = model.sampler
   params = sampling.SamplingParams()
   traces = dict(sampler.trace_counts)
 
@@ -186,7 +185,7 @@ def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int
 def jax_decode_throughput(model: FlashVL, batch: dict[str, np.ndarray], batch_size: int, new_tokens: int,
                           attention: str) -> float:
   """Decode tokens/s over `batch_size` copies of the prompt (prefill excluded), after a warm-up run."""
-  sampler = sampling.sampler_for(model)
+  sampler = model.sampler
   params = sampling.SamplingParams()
   rows = _repeat_batch(batch, batch_size)
   prompts = sampler.prepare(rows["input_ids"], rows["attention_mask"], rows["pixel_values"],
@@ -205,7 +204,7 @@ def jax_decode_throughput(model: FlashVL, batch: dict[str, np.ndarray], batch_si
 def jax_vision(model: FlashVL, tiles: np.ndarray, repeats: int, attention: str) -> float:
   """Vision-tower images (tiles) per second on a batch of uint8 tiles [N, S, S, 3], with the prefill's
   attention implementation."""
-  sampler = sampling.sampler_for(model)
+  sampler = model.sampler
   kind = model.config.vision.kind
   implementation = sampler.resolve_attention(attention)
 
@@ -423,9 +422,9 @@ def format_result(r: dict[str, Any]) -> str:
         f"{r[s]['decode_tokens_per_s'][b]:>14.1f}" for s in sides))
   lines.append(row("vision images/s", lambda v: f"{v:.1f}", "vision_images_per_s"))
   lines.append(row("vision MFU", lambda v: "n/a" if v is None else f"{v * 100:.2f}%", "vision_mfu"))
-  lines.append(f"  JAX compile {r['jax']['compile_s']:.1f} s ({r['jax']['compiled']}), prefill attention "
-               f"{r['jax']['attention']}" + ("" if r["jax"]["vision_mfu"] is not None else
-                                             "; MFU needs --device-peak-tflops on this device"))
+  lines.append(f"  JAX compile {r['jax']['compile_s']:.1f} s ({r['jax']['compiled']}), attention: prefill "
+               f"{r['jax']['attention']}, decode {r['jax']['decode_attention']}" +
+               ("" if r["jax"]["vision_mfu"] is not None else "; MFU needs --device-peak-tflops on this device"))
   lines.append(f"  peak host RSS of this process so far: {r['peak_rss_gb_after_torch']:.2f} GB after PyTorch's side, "
                f"{r['peak_rss_gb']:.2f} GB after ours")
   if "speedup" in r:

@@ -1,4 +1,4 @@
-"""Chat with a Flash-VL model: `chat(model, image, messages)` like the reference's `model.chat`, and a CLI.
+"""The chat CLI: `FlashVL.chat` (like the reference's `model.chat`) from a shell.
 
   python -m flashvl_jax.chat CKPT --image cat.jpg "What animal is this?"    # one answer, streamed
   python -m flashvl_jax.chat CKPT --image cat.jpg                           # interactive
@@ -13,62 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, TextIO
+from typing import Sequence, TextIO
 
-import jax
-
-from flashvl_jax import sampling
-from flashvl_jax.preprocess.image import ImageError, ImageSource, load_image
+from flashvl_jax.api import FlashVL, Messages, default_dtype
+from flashvl_jax.compilation_cache import enable_compilation_cache
+from flashvl_jax.preprocess.image import ImageError, load_image
 from flashvl_jax.preprocess.processor import PromptTooLongError
-
-if TYPE_CHECKING:
-  from flashvl_jax.api import FlashVL
-
-Messages = Sequence[Mapping[str, Any]]
-
-
-def chat(model: FlashVL, image: ImageSource | None, messages: Messages | str, *, max_new_tokens: int = 256,
-         do_sample: bool = False, stream: bool = False, stop_ids: Sequence[int] | None = None,
-         **sampling_kwargs) -> str | Iterator[str]:
-  """The assistant's answer to `messages` about `image` (a PIL image, a path, or None for text only).
-
-  messages: role/content dicts, user and assistant alternating, ending with the user turn to answer (a string
-    is one user turn); the image goes with the first user turn. The prompt is the processor's chat template
-    with the generation prompt. Greedy by default; `do_sample=True` with `temperature`, `top_k`, `top_p`,
-    `seed` (see `sampling.generate`). Generation stops at the tokenizer's end-of-turn ids (or `stop_ids`),
-    which are not part of the answer; special tokens are skipped as the reference decodes.
-  stream: return an iterator of text pieces (decoded a few tokens at a time) that join to the answer.
-  """
-  if isinstance(messages, str):
-    messages = [{"role": "user", "content": messages}]
-  stop_ids = tuple(model.tokenizer.eos_ids if stop_ids is None else stop_ids)
-  batch = model.processor([image], [messages], add_generation_prompt=True)
-  kwargs = dict(batch, max_new_tokens=max_new_tokens, do_sample=do_sample, stop_ids=stop_ids, **sampling_kwargs)
-  if stream:
-    return _stream_text(model, kwargs, stop_ids)
-  ids = sampling.generate(model, **kwargs)[0]
-  return model.tokenizer.decode([i for i in ids if i not in stop_ids])
-
-
-def _stream_text(model: FlashVL, kwargs: dict[str, Any], stop_ids: tuple[int, ...]) -> Iterator[str]:
-  decoder = model.tokenizer.stream_decoder()
-  for chunk in sampling.stream(model, **kwargs):
-    piece = decoder.push([i for i in chunk[0] if i not in stop_ids])
-    if piece:
-      yield piece
-  tail = decoder.flush()
-  if tail:
-    yield tail
-
-
-def default_dtype() -> str:
-  """bfloat16 on accelerators; float32 on CPU, where bf16 compute is several times slower."""
-  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def _answer(model: FlashVL, image, messages: Messages, out: TextIO, **kwargs) -> str:
   pieces = []
-  for piece in chat(model, image, messages, stream=True, **kwargs):
+  for piece in model.chat(image, messages, stream=True, **kwargs):
     pieces.append(piece)
     out.write(piece)
     out.flush()
@@ -133,9 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     image = None if args.image is None else load_image(args.image)
   except ImageError as e:
     parser.error(str(e))
-  from flashvl_jax.api import FlashVL  # pylint: disable=import-outside-toplevel
-  from flashvl_jax.compilation_cache import enable_compilation_cache  # pylint: disable=import-outside-toplevel
-
   enable_compilation_cache(args.compilation_cache)
 
   model = FlashVL.from_pretrained(args.checkpoint, dtype=default_dtype() if args.dtype == "auto" else args.dtype)

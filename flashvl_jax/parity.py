@@ -1,7 +1,7 @@
 """`python -m flashvl_jax.parity`: our modules against the PyTorch (transformers) reference, as a table.
 
 Builds tiny random Hugging Face checkpoints (every parameter re-randomised), loads them with
-`flashvl_jax.models.from_hf`, runs both sides on the same inputs and prints, per component, the max abs
+`flashvl_jax.weights.auto.from_hf`, runs both sides on the same inputs and prints, per component, the max abs
 difference, the relative error (max abs diff / max |reference|), the tolerance and pass/fail. Exits 1 if
 any row fails. Needs the `test` extra (torch).
 """
@@ -17,6 +17,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
+
+from flashvl_jax.weights.auto import from_hf
 
 FP32_TOL = 1e-4
 
@@ -44,7 +46,6 @@ def _torch_nchw(pixels_nhwc: np.ndarray):
 
 
 def vision_rows(root: pathlib.Path) -> list[Row]:
-  from flashvl_jax.models import from_hf
   from flashvl_jax.testing.tiny_vision import (build_tiny_aimv2, build_tiny_siglip, random_pixels, reference_outputs,
                                                write_apple_layout)
 
@@ -71,7 +72,6 @@ def vision_rows(root: pathlib.Path) -> list[Row]:
 def qwen2_rows(root: pathlib.Path) -> list[Row]:
   import torch
 
-  from flashvl_jax.models import from_hf
   from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2
 
   ref = build_tiny_qwen2(root / "qwen2", seed=3)
@@ -102,7 +102,6 @@ def qwen2_rows(root: pathlib.Path) -> list[Row]:
 def flashvl_rows(root: pathlib.Path) -> list[Row]:
   import torch
 
-  from flashvl_jax.models import from_hf
   from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2
   from flashvl_jax.testing.tiny_vision import build_tiny_aimv2, build_tiny_siglip, random_pixels
   from flashvl_jax.testing.torch_flashvl import build_tiny_flashvl, save_released_layout

@@ -1,6 +1,7 @@
 """Generation: a preallocated KV cache, a jitted prefill and a `lax.while_loop` decode.
 
-  tokens = sampling.generate(model, **model.processor(images, conversations, add_generation_prompt=True),
+  sampler = sampling.Sampler(module)                      # FlashVL builds one: `model.sampler`
+  tokens = sampling.generate(sampler, **processor(images, conversations, add_generation_prompt=True),
                              max_new_tokens=64)
 
 How a call runs (`Sampler`):
@@ -14,8 +15,10 @@ How a call runs (`Sampler`):
   until every row has produced a stop id or `max_new_tokens` tokens; the stop check never leaves the device.
   `max_new_tokens` is a traced bound, so it does not recompile within its bucket. Streaming runs the same loop
   in chunks of a few tokens.
-The module is split once into graph and state (`nnx.split`) and the pure functions are jitted; a `Sampler` is
-cached per module, and shares the module's variables, so in-place parameter updates are seen.
+The module is split once into graph and state (`nnx.split`) and the pure functions are jitted. Prefill and
+decode run on the sampler's state (the module's variables when it was built) unless a call passes `state`: a
+trainer hands in its current parameters that way (same structure, e.g. `nnx.merge_state(params, frozen)`)
+instead of updating a shared module.
 
 Returned ids follow transformers' `generate`: the new tokens of each row up to and including the first stop id
 (absent when the row ran out of `max_new_tokens`). Sampling order is transformers' too: temperature, then
@@ -29,8 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +42,6 @@ from flax import nnx
 from flashvl_jax import sharding
 from flashvl_jax.models.flashvl import FlashVLModel, check_image_placeholders
 from flashvl_jax.models.layers import set_attention
-
-if TYPE_CHECKING:
-  from flashvl_jax.api import FlashVL
 
 DEFAULT_STOP_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 MIN_PROMPT_BUCKET = 128
@@ -262,33 +261,24 @@ class Sampler:
     return jax.lax.while_loop(keep_going, step_fn, carry)
 
   def prefill(self, prompts: Prompts, params: SamplingParams, *, seed: int = 0, stop_ids=DEFAULT_STOP_IDS,
-              attention: str = "auto") -> Carry:
-    """Encodes images, fills the cache with the prompts and samples each row's first token (asynchronously)."""
+              attention: str = "auto", state: nnx.State | None = None) -> Carry:
+    """Encodes images, fills the cache with the prompts and samples each row's first token (asynchronously), with
+    the variables `state` (default: the sampler's own)."""
     with self._use_mesh():
-      return self._prefill(self.state, prompts.input_ids, prompts.attention_mask, prompts.pixel_values,
+      return self._prefill(self.state if state is None else state, prompts.input_ids, prompts.attention_mask, prompts.pixel_values,
                            prompts.image_patch_index, jax.random.key(seed), params.arrays(), _stop_array(stop_ids),
                            decode_length=prompts.decode_length, do_sample=params.do_sample,
                            attention=self.resolve_attention(attention))
 
   def decode(self, carry: Carry, limit: int, params: SamplingParams, *, stop_ids=DEFAULT_STOP_IDS,
-             attention: str = "auto") -> Carry:
-    """Runs the decode loop until every row is done or `limit` tokens exist; `carry` is consumed."""
+             attention: str = "auto", state: nnx.State | None = None) -> Carry:
+    """Runs the decode loop until every row is done or `limit` tokens exist; `carry` is consumed. Pass the
+    `state` the prefill used."""
     if limit > carry["tokens"].shape[1]:
       raise ValueError(f"limit {limit} exceeds the {carry['tokens'].shape[1]} decode slots of this carry")
     with self._use_mesh():
-      return self._decode(self.state, carry, jnp.int32(limit), params.arrays(), _stop_array(stop_ids),
+      return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(), _stop_array(stop_ids),
                           do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
-
-
-_SAMPLERS: weakref.WeakKeyDictionary[FlashVLModel, Sampler] = weakref.WeakKeyDictionary()
-
-
-def sampler_for(model: FlashVL) -> Sampler:
-  """The cached `Sampler` of `model.module` on `model.mesh` (built on first use)."""
-  sampler = _SAMPLERS.get(model.module)
-  if sampler is None or sampler.mesh is not model.mesh:
-    sampler = _SAMPLERS[model.module] = Sampler(model.module, model.mesh)
-  return sampler
 
 
 def _trim(tokens: np.ndarray, stop_ids) -> list[int]:
@@ -297,20 +287,19 @@ def _trim(tokens: np.ndarray, stop_ids) -> list[int]:
   return tokens[:stops[0] + 1 if stops.size else len(tokens)].tolist()
 
 
-def stream(model: FlashVL, *, input_ids, pixel_values=None, image_patch_index=None, attention_mask=None,
+def stream(sampler: Sampler, *, input_ids, pixel_values=None, image_patch_index=None, attention_mask=None,
            max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, seed: int = 0, stop_ids=None, max_length: int | None = None,
            attention: str = "auto", chunk_size: int = 8, num_image_tokens=None, tile_mask=None,
-           loss_mask=None) -> Iterator[list[list[int]]]:
+           loss_mask=None, state: nnx.State | None = None) -> Iterator[list[list[int]]]:
   """Like `generate`, but yields each row's new tokens as they come: the first token right after prefill, then
   chunks of up to `chunk_size` tokens (one jitted decode call each). A row yields nothing after its stop id."""
-  del tile_mask, loss_mask  # accepted so that `stream(model, **processor(...))` works
+  del tile_mask, loss_mask  # accepted so that `stream(sampler, **processor(...))` works
   stop_ids = tuple(DEFAULT_STOP_IDS if stop_ids is None else stop_ids)
   params = SamplingParams(do_sample, temperature, top_k, top_p)
-  sampler = sampler_for(model)
   prompts = sampler.prepare(input_ids, attention_mask, pixel_values, image_patch_index,
                             max_new_tokens=max_new_tokens, max_length=max_length, num_image_tokens=num_image_tokens)
-  carry = sampler.prefill(prompts, params, seed=seed, stop_ids=stop_ids, attention=attention)
+  carry = sampler.prefill(prompts, params, seed=seed, stop_ids=stop_ids, attention=attention, state=state)
   emitted, finished = 0, np.zeros(len(prompts.lengths), bool)
   while True:
     step, tokens = jax.device_get((carry["step"], carry["tokens"]))
@@ -324,31 +313,33 @@ def stream(model: FlashVL, *, input_ids, pixel_values=None, image_patch_index=No
     if finished.all() or emitted >= max_new_tokens:
       return
     carry = sampler.decode(carry, min(emitted + chunk_size, max_new_tokens), params, stop_ids=stop_ids,
-                           attention=attention)
+                           attention=attention, state=state)
 
 
-def generate(model: FlashVL, *, input_ids, pixel_values=None, image_patch_index=None, attention_mask=None,
+def generate(sampler: Sampler, *, input_ids, pixel_values=None, image_patch_index=None, attention_mask=None,
              max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_ids=None, max_length: int | None = None,
-             attention: str = "auto", num_image_tokens=None, tile_mask=None, loss_mask=None) -> list[list[int]]:
+             attention: str = "auto", num_image_tokens=None, tile_mask=None, loss_mask=None,
+             state: nnx.State | None = None) -> list[list[int]]:
   """New token ids per row: up to and including the first stop id, at most `max_new_tokens`.
 
   input_ids / attention_mask: [B, L] prompts, padded on either side (the `Processor` pads right); image
     positions hold the placeholders (ids < 0). pixel_values [B, n_tiles, S, S, 3] (uint8 or normalised) and
     image_patch_index [B, T_img, f*f] as the `Processor` makes them; `num_image_tokens`, when given, is checked
     against the placeholders. `tile_mask` and `loss_mask` are accepted and unused, so that
-    `generate(model, **processor(...))` works.
+    `generate(sampler, **processor(...))` works.
   do_sample / temperature / top_k / top_p / seed: greedy by default; see `SamplingParams`.
   stop_ids: ids that end a row (default <|im_end|>, <|endoftext|>); `()` generates exactly max_new_tokens.
   max_length: the limit on prompt + new tokens (default `llm.max_position_embeddings`); over it is an error.
   attention: 'auto' | 'xla' | 'looped' | 'cudnn' for prefill and decode (see `Sampler.resolve_attention`).
+  state: the variables to generate with (default: the sampler's own).
   """
   rows = [[] for _ in range(len(input_ids))]
-  for chunk in stream(model, input_ids=input_ids, pixel_values=pixel_values, image_patch_index=image_patch_index,
+  for chunk in stream(sampler, input_ids=input_ids, pixel_values=pixel_values, image_patch_index=image_patch_index,
                       attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids,
                       max_length=max_length, attention=attention, chunk_size=max_new_tokens,
-                      num_image_tokens=num_image_tokens):
+                      num_image_tokens=num_image_tokens, state=state):
     for row, new in zip(rows, chunk):
       row.extend(new)
   return rows

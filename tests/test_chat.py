@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from flashvl_jax import bench, chat, sampling
+from flashvl_jax import bench, chat
 from flashvl_jax.api import FlashVL
 from flashvl_jax.config import load_config
 from flashvl_jax.models.flashvl import FlashVLModel
@@ -35,7 +35,7 @@ def model(request):
 
 def expected_answer(model, image, messages):
   batch = model.processor([image], [messages], add_generation_prompt=True)
-  ids = sampling.generate(model, **batch, max_new_tokens=NEW, stop_ids=model.tokenizer.eos_ids)[0]
+  ids = model.generate(**batch, max_new_tokens=NEW, stop_ids=model.tokenizer.eos_ids)[0]
   return model.tokenizer.decode([i for i in ids if i not in model.tokenizer.eos_ids]), ids
 
 
@@ -47,10 +47,10 @@ def test_chat_answer_stream_and_stop_ids(model):
   pieces = list(model.chat(image, QUESTION, max_new_tokens=NEW, stream=True))
   assert len(pieces) >= 2 and all(pieces)
   assert "".join(pieces) == answer
-  assert chat.chat(model, picture(seed=1), QUESTION, max_new_tokens=NEW) != answer  # the image is seen
+  assert model.chat(picture(seed=1), QUESTION, max_new_tokens=NEW) != answer  # the image is seen
   # a stop id the model produces ends the answer there and is not part of it
   cut = ids[3]
-  shorter = chat.chat(model, image, QUESTION, max_new_tokens=NEW, stop_ids=[cut])
+  shorter = model.chat(image, QUESTION, max_new_tokens=NEW, stop_ids=[cut])
   assert shorter == model.tokenizer.decode(ids[:ids.index(cut)])
 
 
@@ -74,7 +74,7 @@ def test_cli_one_question(hf_checkpoint, hf_model):
   out = subprocess.run([sys.executable, "-m", "flashvl_jax.chat", str(path), "--image", str(image), "What is it?",
                         "--max-new-tokens", "6"], capture_output=True, text=True, env=env, timeout=300, check=False)
   assert out.returncode == 0, out.stderr
-  expected = chat.chat(hf_model, str(image), [{"role": "user", "content": "What is it?"}], max_new_tokens=6)
+  expected = hf_model.chat(str(image), [{"role": "user", "content": "What is it?"}], max_new_tokens=6)
   assert expected and out.stdout == expected + "\n"
 
 
@@ -91,7 +91,7 @@ def test_interactive_session(hf_checkpoint, hf_model):
                       f"/image {image.parent / 'missing.png'}\n/quit\nnot read\n")
   out = io.StringIO()
   chat.interactive(hf_model, str(image), lines, out, max_new_tokens=6)
-  ask = lambda image, messages: chat.chat(hf_model, image, messages, max_new_tokens=6)
+  ask = lambda image, messages: hf_model.chat(image, messages, max_new_tokens=6)
   first = ask(str(image), [{"role": "user", "content": "What is it?"}])
   second = ask(str(image), [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": first},
                             {"role": "user", "content": "And the colours?"}])

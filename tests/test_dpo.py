@@ -110,9 +110,10 @@ def test_dpo_loss_and_gradients_match_numpy(base, pair_batches):
     return sums["loss"] / sums["pairs"]
 
   def all_logits(params, enabled=True):
-    with lora.lora_enabled(enabled):
-      return nnx.merge(graphdef, params, frozen)(rows["input_ids"], rows["pixel_values"], rows["attention_mask"],
-                                                 image_patch_index=rows["image_patch_index"])
+    model = nnx.merge(graphdef, params, frozen)
+    lora.set_lora(model, enabled=enabled)
+    return model(rows["input_ids"], rows["pixel_values"], rows["attention_mask"],
+                 image_patch_index=rows["image_patch_index"])
 
   @jax.jit
   def logits_and_pull_back(params, cotangent):
@@ -139,7 +140,8 @@ def test_both_answers_are_scored_in_one_forward_per_policy(base, pair_batches, m
       self, ids, *a, **k))
   model = lora_model(base)
   batch = {k: jnp.asarray(v) for k, v in pair_batches[0].items()}
-  jax.eval_shape(lambda: dpo.dpo_sums(model, batch, beta=BETA))
+  graphdef, state = nnx.split(model)  # merged inside the trace, as the train step does (`set_lora` mutates it)
+  jax.eval_shape(lambda state: dpo.dpo_sums(nnx.merge(graphdef, state), batch, beta=BETA), state)
   pairs, length = batch["chosen_input_ids"].shape
   assert calls == [(2 * pairs, length)] * 2  # the reference (LoRA off), then the policy
 

@@ -167,7 +167,7 @@ def test_full_size_parameter_counts(preset, vit_params):
 
 
 def test_from_hf_dispatch_and_errors(static_pair, tmp_path):
-  from flashvl_jax.models import from_hf
+  from flashvl_jax.weights.auto import from_hf
   from flashvl_jax.weights.hf_io import CheckpointError
 
   assert isinstance(from_hf(static_pair[2]), FlashVLModel)

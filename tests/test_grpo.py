@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flashvl_jax.api import FlashVL
+from flashvl_jax import sampling
 from flashvl_jax.config import ConfigError, load_config
 from flashvl_jax.data.pipeline import make_dataset
 from flashvl_jax.data.synthetic import SyntheticConfig, SyntheticVQA
@@ -138,7 +138,7 @@ def test_grpo_raises_the_reward(cfg, processor):
     graphdef, state, shardings = create_train_state(model, (lora.LORA_TRAINABLE,), tx, mesh)
     train_step = make_train_step(graphdef, tx, optax.constant_schedule(1e-2), shardings, mesh,
                                  grpo.grpo_objective(grpo_cfg))
-    step = grpo.GRPOStep(FlashVL(model, processor), train_step, None, grpo_cfg,
+    step = grpo.GRPOStep(sampling.Sampler(model, mesh), tokenizer, train_step, None, grpo_cfg,
                          rewards.reward_fn(grpo_cfg.rewards), lambda rows: to_global(rows, mesh))
 
     @jax.jit

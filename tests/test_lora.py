@@ -51,9 +51,10 @@ def batch(cfg):
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _logits(graphdef, state, batch, enabled):
-  with lora.lora_enabled(enabled):
-    return nnx.merge(graphdef, state)(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                      image_patch_index=batch["image_patch_index"])
+  model = nnx.merge(graphdef, state)
+  lora.set_lora(model, enabled=enabled)
+  return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+               image_patch_index=batch["image_patch_index"])
 
 
 def logits(model, batch, enabled=True):
@@ -139,16 +140,20 @@ def test_dropout_needs_a_key_and_follows_it(base, batch):
 
   @jax.jit
   def outputs(state):
-    run = lambda: nnx.merge(graphdef, state)(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                                             image_patch_index=inputs["image_patch_index"])
+    model = nnx.merge(graphdef, state)
+    run = lambda: model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                        image_patch_index=inputs["image_patch_index"])
+    plain = run()
     keyed = []
     for seed in (0, 0, 1):
-      with lora.lora_dropout(jax.random.key(seed)):
-        keyed.append(run())
-    return run(), *keyed
+      lora.set_lora(model, dropout_key=jax.random.key(seed))
+      keyed.append(run())
+    lora.set_lora(model)  # back to no dropout
+    return plain, *keyed, run()
 
-  plain, a, a_again, b = map(np.asarray, outputs(state))
+  plain, a, a_again, b, reset = map(np.asarray, outputs(state))
   np.testing.assert_allclose(plain, logits(model, batch), atol=1e-4)  # no key: no dropout (other compile: ~1e-6 off)
+  np.testing.assert_array_equal(reset, plain)
   np.testing.assert_array_equal(a, a_again)
   assert np.abs(a - plain).max() > 1e-3 and np.abs(a - b).max() > 1e-3
 

@@ -82,7 +82,7 @@ def one(model, ids, pixels, **kw):
   kw.setdefault("max_new_tokens", NEW)
   kw.setdefault("stop_ids", (STOP,))
   pixel_values = None if pixels is None else pixels[None]
-  return sampling.generate(model, input_ids=ids[None], pixel_values=pixel_values, **kw)[0]
+  return model.generate(input_ids=ids[None], pixel_values=pixel_values, **kw)[0]
 
 
 def right_padded(prompts):
@@ -121,7 +121,7 @@ def test_batch_of_mixed_lengths_equals_one_by_one(pair, prompts, singles):
   lengths = [len(prompts[r][0]) for r in BATCH_ROWS]
   assert min(lengths) < 60 and max(lengths) > 128
   batch = right_padded([prompts[r] for r in BATCH_ROWS])
-  got = sampling.generate(pair[1], **batch, max_new_tokens=NEW, stop_ids=(STOP,))
+  got = pair[1].generate(**batch, max_new_tokens=NEW, stop_ids=(STOP,))
   assert got == [singles[r] for r in BATCH_ROWS]
 
 
@@ -130,7 +130,7 @@ def test_left_padded_input_equals_right_padded(pair, prompts, singles):
   flipped = {k: np.stack([np.roll(row, len(row) - m.sum()) for row, m in zip(v, batch["attention_mask"])])
              for k, v in batch.items() if k != "pixel_values"}
   assert flipped["attention_mask"][:, -1].all() and not flipped["attention_mask"][:, 0].all()
-  got = sampling.generate(pair[1], **flipped, pixel_values=batch["pixel_values"], max_new_tokens=NEW,
+  got = pair[1].generate(**flipped, pixel_values=batch["pixel_values"], max_new_tokens=NEW,
                           stop_ids=(STOP,))
   assert got == [singles[r] for r in BATCH_ROWS]
 
@@ -158,7 +158,7 @@ def sampling_model(pair):
 
 def test_no_recompilation_inside_a_bucket(sampling_model, prompts):
   model = sampling_model
-  sampler = sampling.sampler_for(model)
+  sampler = model.sampler
   short = [p for p in prompts if len(p[0]) <= 128 and p[1] is not None][:3]
   assert len({len(ids) for ids, _ in short}) == 3
   one(model, *short[0], do_sample=True)
@@ -167,18 +167,17 @@ def test_no_recompilation_inside_a_bucket(sampling_model, prompts):
   for (ids, pixels), new, top_k in zip(short, (5, 17, 32), (0, 3, 10)):
     one(model, ids, pixels, max_new_tokens=new, do_sample=True, top_k=top_k, temperature=new / 10,
         stop_ids=(STOP,) * (new % 3))
-  list(sampling.stream(model, input_ids=short[1][0][None], pixel_values=short[1][1][None], chunk_size=3,
+  list(sampling.stream(sampler, input_ids=short[1][0][None], pixel_values=short[1][1][None], chunk_size=3,
                        max_new_tokens=20, do_sample=True))
   assert dict(sampler.trace_counts) == compiled
   one(model, *short[1], max_new_tokens=40, do_sample=True)  # decode bucket 64: a new cache length
   assert dict(sampler.trace_counts) == {k: v + 1 for k, v in compiled.items()}
-  assert sampling.sampler_for(model) is sampler
 
 
 def test_stream_chunks_join_to_generate(pair, prompts, singles):
   """Streams the 8-row batch of the batch test (no new compilation) in chunks of 5 tokens."""
   rows = BATCH_ROWS
-  chunks = list(sampling.stream(pair[1], **right_padded([prompts[r] for r in rows]), max_new_tokens=NEW,
+  chunks = list(sampling.stream(pair[1].sampler, **right_padded([prompts[r] for r in rows]), max_new_tokens=NEW,
                                 stop_ids=(STOP,), chunk_size=5))
   assert all(len(c) == 1 for c in chunks[0])
   assert len(chunks) == 1 + (NEW - 1 + 4) // 5
@@ -195,9 +194,9 @@ def test_sharded_generation_equals_single_device(pair, prompts, singles):
   sharded = FlashVL(nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh))),
                     pair[1].processor, mesh)
   rows = list(range(8))
-  got = sampling.generate(sharded, **right_padded([prompts[r] for r in rows]), max_new_tokens=NEW, stop_ids=(STOP,))
+  got = sharded.generate(**right_padded([prompts[r] for r in rows]), max_new_tokens=NEW, stop_ids=(STOP,))
   assert got == [singles[r] for r in rows]
-  sampler = sampling.sampler_for(sharded)
+  sampler = sharded.sampler
   assert len(sampler.state["llm"]["model"]["embed_tokens"]["embedding"][...].sharding.device_set) == 8
 
 

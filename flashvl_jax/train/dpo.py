@@ -6,7 +6,7 @@ For a prompt x with a chosen answer y_w and a rejected one y_l, with log-likelih
 
 (with `label_smoothing` e: `-(1 - e) log sigmoid(d) - e log sigmoid(-d)`, conservative DPO), averaged over
 pairs, as in tunix's `dpo_loss_fn`. pi is the model with its LoRA adapters and pi_ref the same weights with
-the adapters switched off (`lora.lora_enabled(False)`), so no second copy of the model exists; the reference
+the adapters switched off (`lora.set_lora(model, enabled=False)`), so no second copy of the model exists; the reference
 forward runs in the same jitted step, without gradients. Both answers of every pair are scored in one forward:
 the pipeline's `chosen_*` and `rejected_*` rows are concatenated along the batch and the image arrays repeated.
 """
@@ -22,7 +22,7 @@ from flashvl_jax.config import ConfigError
 from flashvl_jax.data.pipeline import TEXT_KEYS
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.train.config import DPOConfig
-from flashvl_jax.train.lora import lora_dropout, lora_enabled
+from flashvl_jax.train.lora import set_lora
 from flashvl_jax.train.steps import Objective, model_targets
 
 Batch = dict[str, jax.Array]
@@ -75,10 +75,10 @@ def dpo_sums(model: FlashVLModel, batch: Batch, dropout_key: jax.Array | None = 
   """
   rows = concat_pairs(batch)
   pairs = batch["chosen_input_ids"].shape[0]
-  with lora_enabled(False):
-    ref_logps, _ = answer_logps(model, rows, max_targets)
-  with lora_dropout(dropout_key):
-    logps, weights = answer_logps(model, rows, max_targets)
+  set_lora(model, enabled=False)
+  ref_logps, _ = answer_logps(model, rows, max_targets)
+  set_lora(model, dropout_key=dropout_key)
+  logps, weights = answer_logps(model, rows, max_targets)
   policy = jnp.sum(logps * weights, axis=-1)
   ref = jax.lax.stop_gradient(jnp.sum(ref_logps * weights, axis=-1))
   has_answer = jnp.any(weights > 0, axis=-1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from flashvl_jax import sampling
 from flashvl_jax.api import FlashVL
 from flashvl_jax.data.synthetic import exact_match_accuracy
 
@@ -27,7 +26,7 @@ def greedy_answers(model: FlashVL, records: Sequence[dict[str, Any]], max_new_to
   questions = [question_and_answer(r)[0] for r in records]
   batch = model.processor([r["image"] for r in records], questions, add_generation_prompt=True)
   stop_ids = tuple(model.tokenizer.eos_ids)
-  new_ids = sampling.generate(model, **batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+  new_ids = model.generate(**batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
   return [model.tokenizer.decode([t for t in ids if t not in stop_ids]) for ids in new_ids]
 
 

@@ -8,7 +8,7 @@ One GRPO step (`GRPOStep`), as in tunix's `GRPOLearner` and DeepSeekMath:
 3. rewards: `rewards.reward_fn(grpo.rewards)` scores each decoded completion against the reference answer;
    advantages are the rewards normalised within each group, `(r - mean) / (std + 1e-4)` (`group_advantages`);
 4. update(s): `num_iterations` optimizer steps on the rollouts with the clipped surrogate and the k3 KL to the
-   reference policy (the adapters switched off, `lora.lora_enabled(False)`), per completion token t:
+   reference policy (the adapters switched off, `lora.set_lora(model, enabled=False)`), per completion token t:
 
        ratio = exp(logp - logp_old),   pg = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)
        kl = exp(logp_ref - logp) - (logp_ref - logp) - 1,   loss = sum_t (pg + kl_coef * kl) / completion tokens
@@ -19,7 +19,7 @@ One GRPO step (`GRPOStep`), as in tunix's `GRPOLearner` and DeepSeekMath:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +29,15 @@ from jax.sharding import Mesh
 
 from flashvl_jax import sampling
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.preprocess.tokenizer import Tokenizer
 from flashvl_jax.sharding import batch_sharding
 from flashvl_jax.train.config import GRPOConfig
 from flashvl_jax.train.dpo import answer_logps
-from flashvl_jax.train.lora import lora_dropout, lora_enabled
+from flashvl_jax.train.lora import set_lora
 from flashvl_jax.train.rewards import RewardFn
+from flashvl_jax.train.state import TrainState
 from flashvl_jax.train.steps import Objective
 
-if TYPE_CHECKING:
-  from flashvl_jax.api import FlashVL
-  from flashvl_jax.preprocess.tokenizer import Tokenizer
-  from flashvl_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 IMAGE_KEYS = ("pixel_values", "tile_mask", "image_patch_index", "num_image_tokens")
@@ -79,10 +77,10 @@ def grpo_sums(model: FlashVLModel, batch: Batch, dropout_key: jax.Array | None =
 
   batch: rollout rows (`rollout_rows`) with "advantages" [N] and optionally "old_logps" [N, K].
   """
-  with lora_enabled(False):
-    ref_logps, _ = answer_logps(model, batch, max_targets)
-  with lora_dropout(dropout_key):
-    logps, weights = answer_logps(model, batch, max_targets)
+  set_lora(model, enabled=False)
+  ref_logps, _ = answer_logps(model, batch, max_targets)
+  set_lora(model, dropout_key=dropout_key)
+  logps, weights = answer_logps(model, batch, max_targets)
   old_logps = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logps)
   losses, parts = grpo_token_losses(logps, old_logps, jax.lax.stop_gradient(ref_logps), batch["advantages"],
                                     epsilon=epsilon, kl_coef=kl_coef)
@@ -173,26 +171,28 @@ def sample_seed(seed: int, step: int) -> int:
 class GRPOStep:
   """`(state, conversation batch) -> (state, metrics)`: rollouts, rewards, advantages and the update(s).
 
-  policy: a `FlashVL` whose module has the structure of `graphdef`; its variables are set from the state before
-  sampling, so rollouts come from the current policy. The batch is this process's rows (host arrays).
+  sampler: a `Sampler` of a module with the structure of the train state; each rollout hands it the state's
+  current variables, so rollouts come from the current policy and nothing else holds parameters. The batch is
+  this process's rows (host arrays).
   """
 
-  def __init__(self, policy: FlashVL, train_step: Callable, logps_fn: Callable | None, cfg: GRPOConfig,
-               reward: RewardFn, to_device: Callable[[dict[str, np.ndarray]], Batch]):
+  def __init__(self, sampler: sampling.Sampler, tokenizer: Tokenizer, train_step: Callable,
+               logps_fn: Callable | None, cfg: GRPOConfig, reward: RewardFn,
+               to_device: Callable[[dict[str, np.ndarray]], Batch]):
     if jax.process_count() > 1:
       raise NotImplementedError("GRPO rollouts run on one process; multi-host GRPO is not supported yet")
     if cfg.num_iterations > 1 and logps_fn is None:
       raise ValueError("grpo.num_iterations > 1 needs logps_fn (make_logps_fn) for the old policy's log-probs")
-    self.policy, self.train_step, self.logps_fn = policy, train_step, logps_fn
+    self.sampler, self.tokenizer, self.train_step, self.logps_fn = sampler, tokenizer, train_step, logps_fn
     self.cfg, self.reward, self.to_device = cfg, reward, to_device
 
   def rollout(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
     """(rollout rows with advantages, rollout metrics) for the prompts of `batch`, sampled from `state`."""
-    cfg, tokenizer = self.cfg, self.policy.tokenizer
-    nnx.update(self.policy.module, state.params, state.frozen)
+    cfg, tokenizer = self.cfg, self.tokenizer
     prompts, answers = split_prompts(batch, tokenizer)
     prompts = repeat_rows(prompts, cfg.group_size)
-    completions = sampling.generate(self.policy, input_ids=prompts["input_ids"],
+    completions = sampling.generate(self.sampler, state=nnx.merge_state(state.params, state.frozen),
+                                    input_ids=prompts["input_ids"],
                                     attention_mask=prompts["attention_mask"], pixel_values=prompts["pixel_values"],
                                     image_patch_index=prompts["image_patch_index"],
                                     max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,

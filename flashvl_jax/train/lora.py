@@ -10,10 +10,10 @@ with a leading [L] axis inside stacked layers), so that
 `B` starts at zero, so a fresh adapter leaves the model unchanged. Training only the adapters is
 `optimizer.trainable: ["\\.lora_(a|b)$"]`: frozen parameters get no gradient and no optimizer state.
 
-Two trace-time switches (context variables, read when a function is traced; set them inside the jitted
-function): `lora_enabled(False)` runs the base model, which DPO and GRPO use as the reference policy without
-a second copy of the weights; `lora_dropout(key)` turns on adapter dropout (off otherwise, e.g. in evaluation
-and sampling). `merge_lora(model)` folds the adapters into the kernels and returns a plain `FlashVLModel` with
+Two switches, module attributes set with `set_lora` on the model a traced function is about to run (right after
+its `nnx.merge`): `enabled=False` runs the base model, which DPO and GRPO use as the reference policy without a
+second copy of the weights; `dropout_key=key` turns on adapter dropout (off as built, e.g. in evaluation and
+sampling). `merge_lora(model)` folds the adapters into the kernels and returns a plain `FlashVLModel` with
 exactly the base parameter paths, ready for `flashvl_jax.checkpoint.save_model` and `python -m convert export`.
 
 Why not qwix (google/qwix `LoraProvider`, which tunix uses): it intercepts `dot_general` inside the one model
@@ -25,10 +25,7 @@ attribute that a functional, donated train step does not advance. The layer belo
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import re
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -42,30 +39,6 @@ from flashvl_jax.sharding import logical_to_spec
 from flashvl_jax.train.config import LoraConfig
 
 LORA_TRAINABLE = r"\.lora_(a|b)$"  # the `optimizer.trainable` regex that trains the adapters only
-
-_enabled = contextvars.ContextVar("lora_enabled", default=True)
-_dropout_key = contextvars.ContextVar("lora_dropout_key", default=None)
-
-
-@contextlib.contextmanager
-def lora_enabled(enabled: bool) -> Iterator[None]:
-  """Within the block, traced adapters add their update (True, the default) or act as the base layer."""
-  token = _enabled.set(enabled)
-  try:
-    yield
-  finally:
-    _enabled.reset(token)
-
-
-@contextlib.contextmanager
-def lora_dropout(key: jax.Array | None) -> Iterator[None]:
-  """Within the block, traced adapters apply their dropout with keys folded from `key` (None: no dropout)."""
-  token = _dropout_key.set(key)
-  try:
-    yield
-  finally:
-    _dropout_key.reset(token)
-
 
 class LoRAIndex(nnx.Variable):
   """Integer id(s) of an adapter, folded into its dropout key (one per layer when stacked)."""
@@ -87,14 +60,15 @@ class LoRA(nnx.Module):
     self.dropout_rate = dropout_rate
     self.dtype = dtype
     self.precision = precision
+    self.enabled = True  # `set_lora` switches
+    self.dropout_key: jax.Array | None = nnx.data(None)  # shaped like `index` when set
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if not _enabled.get():
+    if not self.enabled:
       return jnp.zeros((*x.shape[:-1], self.lora_b.shape[-1]), x.dtype)
-    key = _dropout_key.get()
-    if key is not None and self.dropout_rate > 0:
+    if self.dropout_key is not None and self.dropout_rate > 0:
       keep = 1.0 - self.dropout_rate
-      mask = jax.random.bernoulli(jax.random.fold_in(key, self.index[...]), keep, x.shape)
+      mask = jax.random.bernoulli(self.dropout_key, keep, x.shape)
       x = jnp.where(mask, x / keep, 0).astype(x.dtype)
     dtype = self.dtype or x.dtype
     x, a, b = x.astype(dtype), self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
@@ -105,6 +79,21 @@ class LoRA(nnx.Module):
     """`(alpha / r) A B` in fp32, [..., in, out] (stacked like the kernel)."""
     a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
     return self.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def set_lora(model: nnx.Module, *, enabled: bool = True, dropout_key: jax.Array | None = None) -> None:
+  """Sets every adapter in `model` on or off (off: the base model) and its dropout key (None: no dropout; each
+  adapter, and each layer of a stacked one, folds in its own index). Call it on the module a traced function is
+  about to run, e.g. right after `nnx.merge`: the attributes are read when the adapters are traced."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, LoRA):
+      module.enabled = enabled
+      if dropout_key is None:
+        module.dropout_key = None
+      else:
+        index = module.index[...]
+        keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(index.reshape(-1))
+        module.dropout_key = keys.reshape(index.shape)
 
 
 def _name(path: tuple) -> str:

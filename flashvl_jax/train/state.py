@@ -53,9 +53,11 @@ def cast_frozen(frozen: nnx.State, dtype: str) -> nnx.State:
 def create_train_state(model: nnx.Module, trainable: tuple[str, ...], tx: optax.GradientTransformation,
                        mesh: Mesh, *, frozen_dtype: str = "float32") -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """(graphdef, state, shardings): the model split by the `trainable` regexes, optimizer state built sharded,
-  frozen parameters cast to `frozen_dtype`."""
+  frozen parameters cast to `frozen_dtype`, in `model` too (so its float32 originals are freed; the state and the
+  model share every array)."""
   graphdef, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
   frozen = cast_frozen(frozen, frozen_dtype)
+  nnx.update(model, frozen)
   shardings = train_state_shardings(params, frozen, tx, mesh)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)

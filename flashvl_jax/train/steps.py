@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.sharding import batch_sharding, replicated
-from flashvl_jax.train.lora import lora_dropout
+from flashvl_jax.train.lora import set_lora
 from flashvl_jax.train.losses import answer_matches, cross_entropy_sum, select_targets
 
 if TYPE_CHECKING:
@@ -62,8 +62,8 @@ def sft_objective(max_targets: int | None = None) -> Objective:
   the argmax (teacher forcing: the greedy answer is exactly right)."""
 
   def sums(model: FlashVLModel, batch: Batch, dropout_key: jax.Array | None) -> Sums:
-    with lora_dropout(dropout_key):
-      logits, targets, weights = model_targets(model, batch, max_targets)
+    set_lora(model, dropout_key=dropout_key)
+    logits, targets, weights = model_targets(model, batch, max_targets)
     loss, tokens = cross_entropy_sum(logits, targets, weights)
     correct, answered = answer_matches(logits, targets, weights)
     return {"loss": loss, "target_tokens": tokens, "answer_accuracy": correct.astype(jnp.float32),

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flashvl_jax import checkpoint
+from flashvl_jax.sampling import Sampler
 from flashvl_jax.api import FlashVL
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import to_dict
@@ -161,9 +162,11 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
   run_step = lambda state, local: host_metrics(*train_step(state, to_global(local, mesh)))
   eval_step = None
   if cfg.objective == "grpo":  # rollouts from the current policy, then the update; eval is by generation
-    policy = FlashVL(model, processor, mesh)
-    run_step = GRPOStep(policy, train_step, make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens),
-                        cfg.grpo, reward_fn(cfg.grpo.rewards), lambda rows: to_global(rows, mesh))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.merge_state(state.params, state.frozen))
+    sampler = Sampler(nnx.merge(graphdef, shapes), mesh)  # holds no arrays: each rollout passes the state's
+    run_step = GRPOStep(sampler, processor.tokenizer, train_step,
+                        make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
+                        reward_fn(cfg.grpo.rewards), lambda rows: to_global(rows, mesh))
   elif data.eval is not None:
     eval_step = make_eval_step(graphdef, shardings, mesh, objective)
   del model  # its arrays live on in `state`
