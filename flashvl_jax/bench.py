@@ -168,7 +168,7 @@ def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int
     carry = jax.block_until_ready(sampler.prefill(prompts, params, stop_ids=(), attention=attention))
     ttft = time.perf_counter() - start
     carry = sampler.decode(carry, new_tokens, params, stop_ids=(), attention=attention)
-    tokens = np.asarray(carry["tokens"])
+    tokens = np.asarray(carry.tokens)
     return ttft, time.perf_counter() - start, tokens[:, :new_tokens]
 
   _, first_total, tokens = run()

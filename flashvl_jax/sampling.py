@@ -32,8 +32,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Iterator
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +50,18 @@ MIN_DECODE_BUCKET = 32
 STOP_SLOTS = 8  # stop ids travel padded to this many (with -1), so changing them does not recompile
 ATTENTION_CHOICES = ("auto", "xla", "looped", "cudnn")
 
-Carry = dict[str, Any]
+
+
+@flax.struct.dataclass
+class Carry:
+  """What prefill hands decode and each decode step the next (on the device; donated to decode)."""
+
+  cache: dict[str, jax.Array]  # {"k", "v"}: [L, B, P + N, K, head_dim]
+  tokens: jax.Array  # [B, N] int32: the new tokens so far, then zeros
+  step: jax.Array  # () int32: how many of `tokens` exist
+  done: jax.Array  # [B] bool: the row has sampled a stop id
+  lengths: jax.Array  # [B] int32: each row's prompt length
+  rng: jax.Array  # the sampling key; step i draws with fold_in(rng, i)
 
 
 def bucket_length(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -231,33 +243,33 @@ class Sampler:
     logits, cache = model.llm(inputs_embeds=embeds, attention_mask=slot_mask, position_ids=positions, cache=cache,
                               cache_index=0, logits_at=jnp.full((batch, 1), prompt_length - 1, jnp.int32))
     first = sample_tokens(logits[:, 0], jax.random.fold_in(rng, 0), *knobs, do_sample=do_sample)
-    return dict(cache=cache,
-                tokens=jnp.zeros((batch, decode_length), jnp.int32).at[:, 0].set(first),
-                step=jnp.int32(1),
-                done=jnp.isin(first, stop_ids),
-                lengths=attention_mask.sum(axis=1).astype(jnp.int32),
-                rng=rng)
+    return Carry(cache=cache,
+                 tokens=jnp.zeros((batch, decode_length), jnp.int32).at[:, 0].set(first),
+                 step=jnp.int32(1),
+                 done=jnp.isin(first, stop_ids),
+                 lengths=attention_mask.sum(axis=1).astype(jnp.int32),
+                 rng=rng)
 
   def _decode_fn(self, state, carry: Carry, limit, knobs, stop_ids, *, do_sample: bool, attention: str) -> Carry:
     self.trace_counts["decode"] += 1
     model = nnx.merge(self.graphdef, state)
     set_attention(model, attention)
-    batch, decode_length = carry["tokens"].shape
-    cache_length = carry["cache"]["k"].shape[2]
+    batch, decode_length = carry.tokens.shape
+    cache_length = carry.cache["k"].shape[2]
     prompt_length = cache_length - decode_length
-    slot_mask = jnp.arange(cache_length)[None, :] >= (prompt_length - carry["lengths"])[:, None]
+    slot_mask = jnp.arange(cache_length)[None, :] >= (prompt_length - carry.lengths)[:, None]
 
     def step_fn(c: Carry) -> Carry:
-      step = c["step"]
-      previous = jax.lax.dynamic_slice_in_dim(c["tokens"], step - 1, 1, axis=1)
-      logits, cache = model.llm(previous, attention_mask=slot_mask, position_ids=(c["lengths"] + step - 1)[:, None],
-                                cache=c["cache"], cache_index=prompt_length + step - 1)
+      step = c.step
+      previous = jax.lax.dynamic_slice_in_dim(c.tokens, step - 1, 1, axis=1)
+      logits, cache = model.llm(previous, attention_mask=slot_mask, position_ids=(c.lengths + step - 1)[:, None],
+                                cache=c.cache, cache_index=prompt_length + step - 1)
       cache = {k: sharding.constrain(v, (None, "batch", "length", "act_heads", None)) for k, v in cache.items()}
-      token = sample_tokens(logits[:, -1], jax.random.fold_in(c["rng"], step), *knobs, do_sample=do_sample)
-      tokens = jax.lax.dynamic_update_slice(c["tokens"], token[:, None], (jnp.int32(0), step))
-      return dict(c, cache=cache, tokens=tokens, step=step + 1, done=c["done"] | jnp.isin(token, stop_ids))
+      token = sample_tokens(logits[:, -1], jax.random.fold_in(c.rng, step), *knobs, do_sample=do_sample)
+      tokens = jax.lax.dynamic_update_slice(c.tokens, token[:, None], (jnp.int32(0), step))
+      return c.replace(cache=cache, tokens=tokens, step=step + 1, done=c.done | jnp.isin(token, stop_ids))
 
-    keep_going = lambda c: (c["step"] < limit) & ~jnp.all(c["done"])
+    keep_going = lambda c: (c.step < limit) & ~jnp.all(c.done)
     return jax.lax.while_loop(keep_going, step_fn, carry)
 
   def prefill(self, prompts: Prompts, params: SamplingParams, *, seed: int = 0, stop_ids=DEFAULT_STOP_IDS,
@@ -274,8 +286,8 @@ class Sampler:
              attention: str = "auto", state: nnx.State | None = None) -> Carry:
     """Runs the decode loop until every row is done or `limit` tokens exist; `carry` is consumed. Pass the
     `state` the prefill used."""
-    if limit > carry["tokens"].shape[1]:
-      raise ValueError(f"limit {limit} exceeds the {carry['tokens'].shape[1]} decode slots of this carry")
+    if limit > carry.tokens.shape[1]:
+      raise ValueError(f"limit {limit} exceeds the {carry.tokens.shape[1]} decode slots of this carry")
     with self._use_mesh():
       return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(), _stop_array(stop_ids),
                           do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
@@ -302,7 +314,7 @@ def stream(sampler: Sampler, *, input_ids, pixel_values=None, image_patch_index=
   carry = sampler.prefill(prompts, params, seed=seed, stop_ids=stop_ids, attention=attention, state=state)
   emitted, finished = 0, np.zeros(len(prompts.lengths), bool)
   while True:
-    step, tokens = jax.device_get((carry["step"], carry["tokens"]))
+    step, tokens = jax.device_get((carry.step, carry.tokens))
     chunk = []
     for row in range(len(finished)):
       new = [] if finished[row] else _trim(tokens[row, emitted:step], stop_ids)

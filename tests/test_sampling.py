@@ -325,8 +325,8 @@ def test_full_size_iss_prefill_and_decode_shapes():
   carry = jax.eval_shape(lambda state: sampler._prefill(  # pylint: disable=protected-access
       state, prompts.input_ids, prompts.attention_mask, prompts.pixel_values, prompts.image_patch_index,
       jax.random.key(0), knobs, stop, decode_length=128, do_sample=False, attention="xla"), sampler.state)
-  assert carry["cache"]["k"].shape == (28, 1, 1024 + 128, 2, 128) and carry["cache"]["k"].dtype == jnp.bfloat16
-  assert carry["tokens"].shape == (1, 128)
+  assert carry.cache["k"].shape == (28, 1, 1024 + 128, 2, 128) and carry.cache["k"].dtype == jnp.bfloat16
+  assert carry.tokens.shape == (1, 128)
   out = jax.eval_shape(lambda state, carry: sampler._decode(  # pylint: disable=protected-access
       state, carry, jnp.int32(128), knobs, stop, do_sample=False, attention="looped"), sampler.state, carry)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), out) == jax.tree.map(lambda a: (a.shape, a.dtype), carry)
