@@ -7,7 +7,8 @@ import torch
 from flax import nnx
 
 from flashvl_jax.config import AdapterConfig
-from flashvl_jax.models.adapter import Adapter, gather_patches, pixel_shuffle_index
+from flashvl_jax.models.adapter import Adapter, gather_patches
+from flashvl_jax.preprocess.tiling import pixel_shuffle_index
 from flashvl_jax.testing.randomize import randomize_
 from flashvl_jax.testing.torch_flashvl import TorchAdapter, internvl_pixel_shuffle
 from flashvl_jax.weights import adapter as adapter_weights

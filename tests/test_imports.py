@@ -63,8 +63,22 @@ def test_the_cycle_finder_finds_a_cycle():
   assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
 
 
-def test_no_import_cycles():
+def import_graph() -> dict[str, set[str]]:
   files = module_files()
-  graph = {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+  return {name: imports_of(path, set(files)) - {name} for name, path in files.items()}
+
+
+def test_no_import_cycles():
+  graph = import_graph()
   assert sum(map(len, graph.values())) > 100  # the graph was read
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_cycles_between_subpackages():
+  """models, weights, preprocess, data, train, ... (and each top-level module) form layers, as
+  docs/architecture.md draws them."""
+  group = lambda name: ".".join(name.split(".")[:2])
+  graph: dict[str, set[str]] = {}
+  for name, deps in import_graph().items():
+    graph.setdefault(group(name), set()).update(group(d) for d in deps if group(d) != group(name))
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))

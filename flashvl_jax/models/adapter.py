@@ -1,6 +1,7 @@
 """The pixel-shuffle adapter between the vision tower and the LLM.
 
-Pixel shuffle is written as a static gather: `pixel_shuffle_index` lists, for each output token, the
+Pixel shuffle is written as a static gather: `preprocess.tiling.pixel_shuffle_index` lists, for each output
+token, the
 flat indices of the f*f ViT patches it concatenates. Every tiling mode (static, dynamic, overlap, ISS
 stitching) produces such an index, so the model runs one fixed gather under jit whatever the layout.
 
@@ -19,21 +20,6 @@ from flax import nnx
 from flashvl_jax.config import AdapterConfig
 from flashvl_jax.models.layers import LayerNorm, linear
 from flashvl_jax.sharding import constrain
-
-
-def pixel_shuffle_index(grid_h: int, grid_w: int, factor: int = 2, order: str = "row_major",
-                        offset: int = 0) -> np.ndarray:
-  """[grid_h/f * grid_w/f, f*f] int32 indices into a row-major (grid_h, grid_w) patch grid (+ offset)."""
-  if grid_h % factor or grid_w % factor:
-    raise ValueError(f"patch grid {grid_h}x{grid_w} is not divisible by the shuffle factor {factor}")
-  i, j, di, dj = np.meshgrid(np.arange(grid_h // factor), np.arange(grid_w // factor), np.arange(factor),
-                             np.arange(factor), indexing="ij")
-  idx = (factor * i + di) * grid_w + (factor * j + dj)  # [h', w', f, f]
-  if order == "column_major":
-    idx = idx.transpose(1, 0, 2, 3)
-  elif order != "row_major":
-    raise ValueError(f"unknown token order {order!r}; use 'row_major' or 'column_major'")
-  return (idx.reshape(-1, factor * factor) + offset).astype(np.int32)
 
 
 def gather_patches(features: jax.Array, patch_index: jax.Array) -> jax.Array:

@@ -18,12 +18,13 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax.config import FlashVLConfig
-from flashvl_jax.models.adapter import Adapter, gather_patches, pixel_shuffle_index
+from flashvl_jax.models.adapter import Adapter, gather_patches
 from flashvl_jax.models.aimv2 import Aimv2VisionTower
 from flashvl_jax.models.layers import to_dtype
 from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
 from flashvl_jax.models.siglip import SiglipVisionTower
 from flashvl_jax.preprocess.image import normalize
+from flashvl_jax.preprocess.tiling import pixel_shuffle_index
 
 VISION_TOWERS = {"siglip": SiglipVisionTower, "aimv2": Aimv2VisionTower}
 

@@ -27,8 +27,23 @@ import numpy as np
 from PIL import Image
 
 from flashvl_jax.config import ConfigError, FlashVLConfig
-from flashvl_jax.models.adapter import pixel_shuffle_index
 from flashvl_jax.preprocess.image import RESAMPLE, resize_for_tower, to_rgb
+
+
+def pixel_shuffle_index(grid_h: int, grid_w: int, factor: int = 2, order: str = "row_major",
+                        offset: int = 0) -> np.ndarray:
+  """[grid_h/f * grid_w/f, f*f] int32 indices into a row-major (grid_h, grid_w) patch grid (+ offset)."""
+  if grid_h % factor or grid_w % factor:
+    raise ValueError(f"patch grid {grid_h}x{grid_w} is not divisible by the shuffle factor {factor}")
+  i, j, di, dj = np.meshgrid(np.arange(grid_h // factor), np.arange(grid_w // factor), np.arange(factor),
+                             np.arange(factor), indexing="ij")
+  idx = (factor * i + di) * grid_w + (factor * j + dj)  # [h', w', f, f]
+  if order == "column_major":
+    idx = idx.transpose(1, 0, 2, 3)
+  elif order != "row_major":
+    raise ValueError(f"unknown token order {order!r}; use 'row_major' or 'column_major'")
+  return (idx.reshape(-1, factor * factor) + offset).astype(np.int32)
+
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in pixels, end exclusive
 
