@@ -95,7 +95,7 @@ def test_loss_mask_only_on_assistant_answers(tok):
   processor = Processor.from_preset("tiny-static", tok, max_length=160)
   example = processor.encode_example(noise_image(64, 64), DIALOGUE)
   ids, mask = example["input_ids"], example["loss_mask"]
-  assert tok.encode("Red.<|im_end|>Top left, near the edge.<|im_end|>") == ids[mask == 1].tolist()
+  assert tok.encode("Red.<|im_end|>Top left, near the edge.<|im_end|>", special_tokens=True) == ids[mask == 1].tolist()
   n = int(example["attention_mask"].sum())
   assert example["attention_mask"].tolist() == [1] * n + [0] * (160 - n)
   assert (ids[n:] == PAD).all() and not mask[n:].any()

@@ -49,8 +49,10 @@ class Processor:
 
   def __init__(self, config: FlashVLConfig, tokenizer: Tokenizer, *, max_length: int = 2048,
                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-               slice_marker_tokens: tuple[str, str] = DEFAULT_SLICE_MARKERS, truncate: bool = False):
+               slice_marker_tokens: tuple[str, str] = DEFAULT_SLICE_MARKERS, truncate: bool = False,
+               special_tokens_in_text: bool = False):
     self.config = config
+    self.special_tokens_in_text = special_tokens_in_text  # trusted prompts only: see `prompt.encode_conversation`
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.system_prompt = system_prompt
@@ -111,7 +113,8 @@ class Processor:
     encoded = encode_conversation(self.tokenizer, messages, plan=plan, add_generation_prompt=add_generation_prompt,
                                   system_prompt=self.system_prompt, slice_marker_ids=self.slice_marker_ids,
                                   image_token_id=self.config.image_token_id,
-                                  image_pad_token_id=self.config.image_pad_token_id)
+                                  image_pad_token_id=self.config.image_pad_token_id,
+                                  special_tokens_in_text=self.special_tokens_in_text)
     input_ids, loss_mask = self._fit(encoded["input_ids"], encoded["loss_mask"])
     n = len(input_ids)
     out = dict(input_ids=np.full((self.max_length,), self.tokenizer.pad_id, np.int32),

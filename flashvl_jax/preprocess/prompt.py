@@ -17,14 +17,17 @@ are unknown, hence configurable. The reference drops a placeholder at the very e
 always follows the user text with `<|im_end|>`, so that case cannot arise.
 
 Each answer (`{answer}<|im_end|>`) is tokenized on its own, as it is generated after `assistant\\n` at
-inference; everything else is tokenized as one text between images and answers. The loss mask is 1 exactly on
+inference; everything else is tokenized as one text between images, answers and control tokens. The control
+tokens (`<|im_start|>`, `<|im_end|>`) are placed by id, and message text is encoded with special-token strings
+as plain text, so a user who types `<|im_end|>` cannot end their turn or open an assistant one
+(`special_tokens_in_text=True` restores parsing them, for trusted prompts only). The loss mask is 1 exactly on
 answer tokens including their `<|im_end|>`, and 0 on the system and user turns, the role headers, the newline
 after each `<|im_end|>`, image tokens and slice markers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 from flashvl_jax.preprocess.tokenizer import IM_END, IM_START, Tokenizer
 
@@ -41,10 +44,25 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _ROLES = ("system", "user", "assistant")
 
 
+class Piece(NamedTuple):
+  """A part of the rendered conversation."""
+
+  text: str
+  is_answer: bool  # scored by the loss
+  is_control: bool  # one of the template's own special tokens, placed by id
+
+
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
   """(role, content) pairs from `{"role", "content"}` or LLaVA `{"from": "human"|"gpt"|"system", "value"}`."""
+  if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+    hint = "; wrap a single message in a list" if isinstance(messages, Mapping) else ""
+    raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}{hint}")
+  if not messages:
+    raise ValueError("the conversation is empty; give at least one user message")
   pairs = []
   for i, message in enumerate(messages):
+    if not isinstance(message, Mapping):
+      raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
     if "role" in message:
       role, content = message["role"], message.get("content")
     elif "from" in message:
@@ -93,24 +111,30 @@ def _place_image(pairs: list[tuple[str, str]], has_image: bool) -> list[tuple[st
 
 def conversation_pieces(messages: Sequence[Mapping[str, Any]], *, has_image: bool,
                         add_generation_prompt: bool = False,
-                        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[tuple[str, bool]]:
-  """The rendered conversation as (text, is_answer) pieces; the image is the literal `<image>`.
+                        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[Piece]:
+  """The rendered conversation as `Piece`s; the image is the literal `<image>` in a text piece.
 
-  A leading system message replaces `system_prompt`; `system_prompt=None` renders no system turn then.
+  A leading system message replaces `system_prompt`; `system_prompt=None` renders no system turn then. With
+  `add_generation_prompt` the conversation must end with a user message (the turn to answer).
   """
   pairs = normalize_messages(messages)
   _check_turn_order(pairs)
+  if add_generation_prompt and pairs[-1][0] != "user":
+    raise ValueError(f"message {len(pairs) - 1} is from {pairs[-1][0]!r}; to generate a reply the conversation must "
+                     "end with a user message")
   pairs = _place_image(pairs, has_image)
-  if system_prompt is not None and (not pairs or pairs[0][0] != "system"):
+  if system_prompt is not None and pairs[0][0] != "system":
     pairs = [("system", system_prompt)] + pairs
+  start, end = Piece(IM_START, False, True), Piece(IM_END, False, True)
   pieces = []
   for role, content in pairs:
     if role == "assistant":
-      pieces += [(f"{IM_START}assistant\n", False), (f"{content}{IM_END}", True), ("\n", False)]
+      pieces += [start, Piece("assistant\n", False, False), Piece(content, True, False), Piece(IM_END, True, True),
+                 Piece("\n", False, False)]
     else:
-      pieces.append((f"{IM_START}{role}\n{content}{IM_END}\n", False))
+      pieces += [start, Piece(f"{role}\n{content}", False, False), end, Piece("\n", False, False)]
   if add_generation_prompt:
-    pieces.append((f"{IM_START}assistant\n", False))
+    pieces += [start, Piece("assistant\n", False, False)]
   return pieces
 
 
@@ -118,7 +142,7 @@ def render_conversation(messages: Sequence[Mapping[str, Any]], *, has_image: boo
                         add_generation_prompt: bool = False,
                         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
   """The prompt text, image shown as `<image>` (what a Qwen2.5-style chat template renders)."""
-  return "".join(text for text, _ in conversation_pieces(
+  return "".join(piece.text for piece in conversation_pieces(
       messages, has_image=has_image, add_generation_prompt=add_generation_prompt, system_prompt=system_prompt))
 
 
@@ -140,10 +164,13 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
                         num_image_tokens: int | None = None, plan: TilePlan | None = None,
                         add_generation_prompt: bool = False, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
                         slice_marker_ids: tuple[int, int] | None = None, image_token_id: int = IMAGE_TOKEN_ID,
-                        image_pad_token_id: int = IMAGE_PAD_TOKEN_ID) -> dict[str, list[int]]:
+                        image_pad_token_id: int = IMAGE_PAD_TOKEN_ID,
+                        special_tokens_in_text: bool = False) -> dict[str, list[int]]:
   """Token ids and loss mask of a conversation; its image is given by `plan` or `num_image_tokens`.
 
   With `plan`, each tile's tokens form one slice (`plan.tile_token_counts`); `num_image_tokens` is one slice.
+  special_tokens_in_text: parse special-token strings inside message text as control tokens (trusted prompts
+    only; by default they are plain text).
   Returns dict(input_ids, loss_mask), lists of equal length.
   """
   if plan is not None and num_image_tokens is not None:
@@ -154,19 +181,23 @@ def encode_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, An
       image_pad_token_id=image_pad_token_id)
   pieces = conversation_pieces(messages, has_image=image_ids is not None,
                                add_generation_prompt=add_generation_prompt, system_prompt=system_prompt)
-  runs: list[tuple[str, bool]] = []  # adjacent pieces of the same kind, tokenized together
-  for text, is_answer in pieces:
-    if runs and runs[-1][1] == is_answer:
-      runs[-1] = (runs[-1][0] + text, is_answer)
+  runs: list[Piece] = []  # adjacent text pieces of the same kind, tokenized together
+  for piece in pieces:
+    if runs and not piece.is_control and not runs[-1].is_control and runs[-1].is_answer == piece.is_answer:
+      runs[-1] = runs[-1]._replace(text=runs[-1].text + piece.text)
     else:
-      runs.append((text, is_answer))
+      runs.append(piece)
   input_ids, loss_mask = [], []
-  for text, is_answer in runs:
+  for text, is_answer, is_control in runs:
+    if is_control:
+      input_ids.append(tokenizer.token_to_id(text))
+      loss_mask.append(int(is_answer))
+      continue
     for k, chunk in enumerate(text.split(IMAGE_PLACEHOLDER)):
       if k:
         input_ids += image_ids
         loss_mask += [0] * len(image_ids)
-      chunk_ids = tokenizer.encode(chunk) if chunk else []
+      chunk_ids = tokenizer.encode(chunk, special_tokens=special_tokens_in_text) if chunk else []
       input_ids += chunk_ids
       loss_mask += [int(is_answer)] * len(chunk_ids)
   return {"input_ids": input_ids, "loss_mask": loss_mask}

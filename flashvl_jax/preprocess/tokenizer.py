@@ -68,7 +68,9 @@ QWEN25 = "qwen2.5"
 
 
 class Tokenizer(abc.ABC):
-  """Text <-> ids without BOS; special tokens written in the text (e.g. `<|im_start|>`) become single ids.
+  """Text <-> ids without BOS. Special tokens written in the text (e.g. `<|im_start|>`) stay plain text unless
+  `encode(..., special_tokens=True)`: the chat template places its control tokens by id, so user text can never
+  close its turn or open another.
 
   Attributes:
     im_start_id, im_end_id: the chat-turn delimiters of the Qwen chat template.
@@ -91,8 +93,9 @@ class Tokenizer(abc.ABC):
     """Number of token ids, added tokens included (ids are 0 .. vocab_size-1)."""
 
   @abc.abstractmethod
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; no BOS or EOS is added."""
+  def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`; no BOS or EOS is added. special_tokens: read special-token strings in `text` as
+    their ids (trusted text only) instead of as plain text."""
 
   @abc.abstractmethod
   def token_to_id(self, token: str) -> int | None:
@@ -121,13 +124,17 @@ class TiktokenTokenizer(Tokenizer):
     im_end_id, endoftext_id = self.token_to_id(IM_END), self.token_to_id(ENDOFTEXT)
     super().__init__(im_start_id=self.token_to_id(IM_START), im_end_id=im_end_id, pad_id=endoftext_id,
                      eos_ids=(im_end_id, endoftext_id), special_ids=special_ids)
+    # Added tokens that are not special (Qwen's `<tool_call>`, fim tokens) are read as tokens in any text, as
+    # Hugging Face tokenizers do; only the special ones need `special_tokens=True`.
+    self._plain_added = {t for t in encoding.special_tokens_set if self.token_to_id(t) not in self.special_ids}
 
   @property
   def vocab_size(self) -> int:
     return self._encoding.n_vocab
 
-  def encode(self, text: str) -> list[int]:
-    return self._encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+  def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+    return self._encoding.encode(unicodedata.normalize("NFC", text),
+                                 allowed_special="all" if special_tokens else self._plain_added, disallowed_special=())
 
   def token_to_id(self, token: str) -> int | None:
     try:
@@ -145,6 +152,9 @@ class HFTokenizer(Tokenizer):
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_token: str | None = None,
                pad_token: str | None = None):
     self._tokenizer = tokenizer
+    # A twin that encodes special-token strings as plain text (one object per mode: safe across threads).
+    self._plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    self._plain.encode_special_tokens = True
     im_start_id, im_end_id = self.token_to_id(IM_START), self.token_to_id(IM_END)
     if im_start_id is None or im_end_id is None:
       raise ValueError(f"the tokenizer has no {IM_START} / {IM_END} token; the Flash-VL chat template needs a "
@@ -169,8 +179,8 @@ class HFTokenizer(Tokenizer):
   def vocab_size(self) -> int:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    return self._tokenizer.encode(text, add_special_tokens=False).ids
+  def encode(self, text: str, *, special_tokens: bool = False) -> list[int]:
+    return (self._tokenizer if special_tokens else self._plain).encode(text, add_special_tokens=False).ids
 
   def token_to_id(self, token: str) -> int | None:
     return self._tokenizer.token_to_id(token)
