@@ -131,7 +131,7 @@ def test_non_rgb_modes_are_converted(static_processor):
       "P": (_png(palette), (10, 200, 30)),
       "RGBA": (_png(Image.new("RGBA", (8, 8), (10, 20, 30, 255))), (10, 20, 30)),
       "CMYK": (cmyk.getvalue(), (255, 0, 255)),
-      "I;16": (_png(Image.new("I;16", (8, 8), 100)), (100, 100, 100)),
+      "I;16": (_png(Image.new("I;16", (8, 8), 25700)), (100, 100, 100)),  # 16-bit samples: 25700 / 257
   }
   for mode, (data, _) in images.items():
     assert Image.open(io.BytesIO(data)).mode == mode

@@ -28,10 +28,7 @@ def noise(width: int, height: int, seed: int = 0, channels: int = 3) -> np.ndarr
 
 
 def in_mode(mode: str, width: int = 97, height: int = 61) -> Image.Image:
-  """A noise image in PIL `mode`; 16/32-bit and float modes get values up to 400 (PIL clips them)."""
-  if mode in ("I;16", "I", "F"):
-    values = np.random.default_rng(1).integers(0, 400, (height, width))
-    return Image.fromarray(values.astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]))
+  """A noise image in PIL `mode`."""
   rgba = Image.fromarray(noise(width, height, channels=4), "RGBA")
   if mode == "P+transparency":
     pal = rgba.convert("RGB").quantize(16)
@@ -43,7 +40,9 @@ def in_mode(mode: str, width: int = 97, height: int = 61) -> Image.Image:
 CASES = ([(f"rgb_{w}x{h}", lambda w=w, h=h: Image.fromarray(noise(w, h)))
           for w, h in [(640, 480), (480, 640), (1, 1), (1, 40), (40, 1), (333, 1001), (1999, 1501)]] +
          [(mode, lambda mode=mode: in_mode(mode))
-          for mode in ["L", "LA", "P", "P+transparency", "PA", "RGBA", "CMYK", "1", "I;16", "I", "F", "YCbCr"]])
+          for mode in ["L", "LA", "P", "P+transparency", "PA", "RGBA", "CMYK", "1", "YCbCr"]])
+# Not "I;16", "I", "F": transformers clips their samples to 0..255 (a 16-bit image saturates, a [0, 1] float one
+# is black); we scale them to 8 bits (`test_high_bit_depth_images_are_scaled_to_8_bits`).
 
 
 @pytest.mark.parametrize("kind", ["siglip", "aimv2"])
@@ -172,3 +171,42 @@ def test_tiny_and_elongated_images():
   exact = image_lib.clip_resize_crop(img, 448).astype(int)
   cropped_only = image_lib.clip_resize_crop(img, 448, max_resize_pixels=0)
   assert np.abs(exact - cropped_only).max() <= 3
+
+
+RAMP16 = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+# PIL's own convert("RGB") clips these to 0..255 (a 16-bit PNG opened from a file it converts correctly)
+PIL_GETS_WRONG = ("I;16B", "I, 16-bit values", "I, out of range: stretched", "F in [0, 1]")
+
+
+@pytest.mark.parametrize("name, make, expected", [
+    ("I;16 from a 16-bit PNG", lambda: RAMP16, (RAMP16 / 257).round()),
+    ("I;16B", lambda: RAMP16.astype(">u2"), (RAMP16 / 257).round()),
+    ("I, 16-bit values", lambda: RAMP16.astype(np.int32), (RAMP16 / 257).round()),
+    ("I, 8-bit values", lambda: (RAMP16 // 257).astype(np.int32), RAMP16 // 257),
+    ("I, out of range: stretched", lambda: RAMP16.astype(np.int32) * 4 - 1000,
+     ((RAMP16.astype(np.float64) * 4 - 1000 + 1000) * 255 / (65535 * 4)).round()),
+    ("F in [0, 1]", lambda: (RAMP16 / 65535).astype(np.float32), (RAMP16 / 65535 * 255).round()),
+    ("F in 0..255", lambda: (RAMP16 / 257).astype(np.float32), (RAMP16 / 257).round()),
+])
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path, name, make, expected):
+  """16-bit, 32-bit integer and float grayscale: scaled, not clipped (PIL's own convert saturates several or
+  blacks them out). The first case goes through a real 16-bit PNG file and `load_image`."""
+  image = Image.fromarray(make())
+  if name.startswith("I;16 from"):
+    image.save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode in ("I;16", "I")
+    rgb = np.asarray(load_image(tmp_path / "deep.png"))  # load_image returns RGB
+  else:
+    rgb = np.asarray(image_lib.to_rgb(image))
+  assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+  np.testing.assert_allclose(rgb[..., 0], expected, atol=1)
+  assert (rgb[..., 0] == rgb[..., 2]).all()
+  if name in PIL_GETS_WRONG:  # what this fixes
+    assert not np.allclose(np.asarray(image.convert("RGB"))[..., 0], expected, atol=1)
+
+
+def test_float_nan_becomes_black():
+  values = np.full((4, 4), 0.5, np.float32)
+  values[0, 0] = np.nan
+  rgb = np.asarray(image_lib.to_rgb(Image.fromarray(values)))
+  assert rgb[0, 0, 0] == 0 and (rgb[1:, :, 0] == 128).all()

@@ -54,13 +54,40 @@ def processor_kind(kind: str) -> str:
   return _PROCESSOR_OF[kind]
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+  """A 16-bit, 32-bit integer or float grayscale image (`I;16*`, `I`, `F`) as 8-bit `L`; other modes unchanged.
+
+  PIL's own conversion clips these to 0..255, which saturates 16-bit images and blacks out [0, 1] floats.
+  Here: `I;16*` is divided by 257 (65535 -> 255); `I` likewise when its values fit 0..65535, as they are
+  when a 16-bit file opens as `I`, and as is when they fit 0..255; float values in [0, 1] are scaled by 255,
+  values in 0..255 kept. Anything else (negative or larger values) is stretched from its min to its max.
+  NaN becomes 0.
+  """
+  if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    return image
+  values = np.nan_to_num(np.asarray(image, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+  if image.mode.startswith("I;16"):
+    scale = 1 / 257
+  elif image.mode == "F" and low >= 0 and high <= 1:
+    scale = 255.0
+  elif low >= 0 and high <= 255:
+    scale = 1.0
+  elif image.mode == "I" and low >= 0 and high <= 65535:
+    scale = 1 / 257
+  else:  # out of any usual range: stretch to 0..255
+    values, scale = values - low, 255 / max(high - low, 1e-12)
+  return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-  """Any PIL mode -> RGB by transformers' `convert_to_rgb` rule.
+  """Any PIL mode -> RGB by transformers' `convert_to_rgb` rule, after `to_8bit` for high-bit-depth modes.
 
   An image with an alpha band or a `transparency` entry is composited onto white; anything else is
   converted directly (so a palette's own alpha column is ignored, as in transformers 5). Unlike
   transformers, LAB's 'A' band is read as the colour axis it is, and premultiplied 'La' is supported.
   """
+  image = to_8bit(image)
   if image.mode == "La":  # PIL converts it only to LA
     image = image.convert("LA")
   has_alpha = ("A" in image.getbands() and image.mode != "LAB") or image.info.get("transparency") is not None
