@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -386,6 +387,7 @@ def run_variant(variant: str, preset: str, args: argparse.Namespace, workdir: pa
   from flashvl_jax.weights.flashvl import load_flashvl  # pylint: disable=import-outside-toplevel
 
   model = FlashVL(load_flashvl(path, dtype=args.dtype, tiling=cfg.tiling), processor)
+  shutil.rmtree(path)  # read into memory; at full size each variant's fp32 checkpoint is 8-9 GB of disk
   result["jax"] = jax_generation(model, batch, args.new_tokens, args.repeats, args.attention)
   result["jax"]["decode_tokens_per_s"] = {
       b: jax_decode_throughput(model, batch, b, args.new_tokens, args.attention) for b in args.batch_sizes}
