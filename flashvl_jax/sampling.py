@@ -277,8 +277,8 @@ class Sampler:
     """Encodes images, fills the cache with the prompts and samples each row's first token (asynchronously), with
     the variables `state` (default: the sampler's own)."""
     with self._use_mesh():
-      return self._prefill(self.state if state is None else state, prompts.input_ids, prompts.attention_mask, prompts.pixel_values,
-                           prompts.image_patch_index, jax.random.key(seed), params.arrays(), _stop_array(stop_ids),
+      return self._prefill(self.state if state is None else state, prompts.input_ids, prompts.attention_mask,
+                           prompts.pixel_values, prompts.image_patch_index, jax.random.key(seed), params.arrays(), _stop_array(stop_ids),
                            decode_length=prompts.decode_length, do_sample=params.do_sample,
                            attention=self.resolve_attention(attention))
 
@@ -289,8 +289,8 @@ class Sampler:
     if limit > carry.tokens.shape[1]:
       raise ValueError(f"limit {limit} exceeds the {carry.tokens.shape[1]} decode slots of this carry")
     with self._use_mesh():
-      return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(), _stop_array(stop_ids),
-                          do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
+      return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(),
+                          _stop_array(stop_ids), do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
 
 
 def _trim(tokens: np.ndarray, stop_ids) -> list[int]:
