@@ -8,7 +8,7 @@ this class.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 
@@ -16,9 +16,7 @@ from flashvl_jax import checkpoint, sampling
 from flashvl_jax.config import FlashVLConfig
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.image import ImageSource
-from flashvl_jax.preprocess.processor import Processor
-
-Messages = Sequence[Mapping[str, Any]]
+from flashvl_jax.preprocess.processor import Messages, Processor
 
 
 def default_dtype() -> str:

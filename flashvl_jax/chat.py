@@ -15,10 +15,10 @@ import argparse
 import sys
 from typing import Sequence, TextIO
 
-from flashvl_jax.api import FlashVL, Messages, default_dtype
+from flashvl_jax.api import FlashVL, default_dtype
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.preprocess.image import ImageError, load_image
-from flashvl_jax.preprocess.processor import PromptTooLongError
+from flashvl_jax.preprocess.processor import Messages, PromptTooLongError
 
 
 def _answer(model: FlashVL, image, messages: Messages, out: TextIO, **kwargs) -> str:

@@ -6,8 +6,8 @@ For a prompt x with a chosen answer y_w and a rejected one y_l, with log-likelih
 
 (with `label_smoothing` e: `-(1 - e) log sigmoid(d) - e log sigmoid(-d)`, conservative DPO), averaged over
 pairs, as in tunix's `dpo_loss_fn`. pi is the model with its LoRA adapters and pi_ref the same weights with
-the adapters switched off (`lora.set_lora(model, enabled=False)`), so no second copy of the model exists; the reference
-forward runs in the same jitted step, without gradients. Both answers of every pair are scored in one forward:
+the adapters switched off (`lora.set_lora(model, enabled=False)`), so no second copy of the model exists; the
+reference forward runs in the same jitted step, without gradients. Both answers of every pair are scored in one forward:
 the pipeline's `chosen_*` and `rejected_*` rows are concatenated along the batch and the image arrays repeated.
 """
 

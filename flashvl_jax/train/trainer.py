@@ -22,7 +22,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flashvl_jax import checkpoint
-from flashvl_jax.sampling import Sampler
 from flashvl_jax.api import FlashVL
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import to_dict
@@ -33,6 +32,7 @@ from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import load_tokenizer
+from flashvl_jax.sampling import Sampler
 from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import flops
 from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
@@ -162,7 +162,8 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
   run_step = lambda state, local: host_metrics(*train_step(state, to_global(local, mesh)))
   eval_step = None
   if cfg.objective == "grpo":  # rollouts from the current policy, then the update; eval is by generation
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.merge_state(state.params, state.frozen))
+    variables = nnx.merge_state(state.params, state.frozen)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
     sampler = Sampler(nnx.merge(graphdef, shapes), mesh)  # holds no arrays: each rollout passes the state's
     run_step = GRPOStep(sampler, processor.tokenizer, train_step,
                         make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
