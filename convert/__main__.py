@@ -9,14 +9,10 @@ from typing import Sequence
 
 import convert
 from convert.verify import verify
-from flashvl_jax.config import ConfigError
-from flashvl_jax.weights.hf_io import CheckpointError
-from flashvl_jax.weights.mapping import WeightMappingError
+from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 
 DTYPES = ("bfloat16", "float32", "float16")
 TILING_MODES = ("static", "dynamic", "overlap", "iss")
-# Problems with the user's input: reported as one 'error:' line (or block), exit status 2, no traceback.
-USER_ERRORS = (CheckpointError, ConfigError, WeightMappingError, FileExistsError, FileNotFoundError, ImportError)
 
 
 def parse_size(text: str) -> int:
@@ -30,7 +26,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m convert", description=convert.__doc__,
+  parser = ArgumentParser(prog="python -m convert", description=convert.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -66,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
   for command in (hf, export, assemble):
     command.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at the destination")
     command.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+  for command in (hf, export, inspect, assemble):
+    add_debug_flag(command)
   return parser
 
 
@@ -90,12 +88,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    run(args)
-  except USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

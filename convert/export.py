@@ -20,7 +20,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from convert.hf_to_orbax import progress_bar
-from flashvl_jax import checkpoint
+from flashvl_jax import checkpoint, integrity
 from flashvl_jax.config import VisionConfig
 from flashvl_jax.preprocess.tiling import max_image_tokens
 from flashvl_jax.weights import aimv2 as aimv2_weights
@@ -138,7 +138,7 @@ def export_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtyp
   info = checkpoint.read_info(ckpt)
   dtype = dtype or info.param_dtype
   module = checkpoint.abstract_module(info.architecture, info.config, info.param_dtype)
-  checkpoint.check_saved_params(info.path, module)
+  checkpoint.check_loadable(info.path, module)
   state = nnx.state(module, nnx.Param)
   shapes = param_shapes(state)
   sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, shape in shapes.items()}
@@ -161,7 +161,8 @@ def export_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtyp
         written += len(converted)
         bar.update(sum(t.nbytes for t in converted.values()))
         bar.set_postfix_str(f"{written}/{len(plan)} tensors")
-      save_file(tensors, str(staging / name), metadata={"format": "pt"})
+      integrity.storage_errors(lambda: save_file(tensors, str(staging / name), metadata={"format": "pt"}), out,
+                               "export destination")
       weight_map.update({key: name for key in tensors})
       del tensors
     if len(names) > 1:

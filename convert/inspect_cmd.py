@@ -90,7 +90,9 @@ def inspect_checkpoint(path: pathlib.Path) -> list[str]:
     checkpoint.check_saved_params(info.path, module)
   except WeightMappingError as e:
     problems.append(str(e))
-  lines.append("load check: " + ("ok" if not problems else "FAILS\n" + "\n".join(problems)))
+  lines.append("load check: " + ("ok (names, shapes and dtypes)" if not problems else
+                                  "FAILS\n" + "\n".join(problems)))
+  lines.append("data check: " + checkpoint.data_check(info.path))
   return lines
 
 

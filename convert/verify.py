@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax import checkpoint
+from flashvl_jax.errors import MissingDependencyError
 
 PROBE_TEXT = (5, 7)  # text tokens before / after the image block of the Flash-VL probe
 
@@ -25,8 +26,8 @@ def _torch_reference(hf: checkpoint.HFCheckpoint):
 
     from flashvl_jax.testing import tiny_vision, torch_flashvl
   except ImportError as e:
-    raise ImportError(f"--verify runs the PyTorch model and needs torch and transformers ({e}); install them with "
-                      "`pip install flashvl-jax[test]`") from None
+    raise MissingDependencyError(f"--verify runs the PyTorch model and needs torch and transformers ({e}); install "
+                                 "them with `pip install flashvl-jax[test]`") from None
 
   path = str(hf.path)
   if hf.architecture == "flashvl":

@@ -43,6 +43,7 @@ from PIL import Image
 
 from flashvl_jax import sampling
 from flashvl_jax.api import FlashVL, default_dtype
+from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import FlashVLConfig, load_config
 from flashvl_jax.host_memory import peak_rss_gb
@@ -440,7 +441,7 @@ def format_result(r: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m flashvl_jax.bench", description=__doc__.split("\n\n")[0],
+  parser = ArgumentParser(prog="python -m flashvl_jax.bench", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=tuple(PRESETS), default="tiny", help="model presets (default tiny)")
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
@@ -458,6 +459,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--json", type=pathlib.Path, help="write the results (and the environment) here")
   parser.add_argument("--compilation-cache", metavar="DIR",
                       help="persistent compilation cache (default $JAX_COMPILATION_CACHE_DIR): a rerun skips XLA")
+  add_debug_flag(parser)
   args = parser.parse_args(argv)
   args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
   args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -479,6 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   # runs before JAX first touches a device (as under `python -m flashvl_jax.bench`).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   args = parse_args(argv)
+  return run_cli(lambda: run(args), debug=args.debug)
+
+
+def run(args: argparse.Namespace) -> int:
   enable_compilation_cache(args.compilation_cache)
   env = environment()
   print(f"{env['date']}  {env['device']} x{env['device_count']} ({env['jax_backend']}), CPU {env['cpu']} "

@@ -16,9 +16,12 @@ import sys
 from typing import Sequence, TextIO
 
 from flashvl_jax.api import FlashVL, default_dtype
+from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 from flashvl_jax.compilation_cache import enable_compilation_cache
-from flashvl_jax.preprocess.image import ImageError, load_image
-from flashvl_jax.preprocess.processor import Messages, PromptTooLongError
+from flashvl_jax.errors import UserError
+from flashvl_jax.preprocess.image import load_image
+from flashvl_jax.preprocess.processor import Messages
+from flashvl_jax.sampling import InvalidRequestError, SamplingParams
 
 
 def _answer(model: FlashVL, image, messages: Messages, out: TextIO, **kwargs) -> str:
@@ -52,7 +55,7 @@ def interactive(model: FlashVL, image, lines: TextIO, out: TextIO, **kwargs) -> 
       path = line[len("/image"):].strip()
       try:
         image = None if path.lower() in ("", "none") else load_image(path)
-      except ImageError as e:
+      except UserError as e:
         out.write(f"error: {e}\n")
         continue
       messages = []
@@ -61,14 +64,14 @@ def interactive(model: FlashVL, image, lines: TextIO, out: TextIO, **kwargs) -> 
       turn = messages + [{"role": "user", "content": line}]
       try:
         answer = _answer(model, image, turn, out, **kwargs)
-      except PromptTooLongError as e:
+      except UserError as e:  # e.g. the conversation outgrew the context: say so and keep the session
         out.write(f"error: {e}\n")
         continue
       messages = turn + [{"role": "assistant", "content": answer}]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m flashvl_jax.chat", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="python -m flashvl_jax.chat", description=__doc__.split("\n\n")[0])
   parser.add_argument("checkpoint", help="an Orbax checkpoint written by `convert`, or a Hugging Face directory")
   parser.add_argument("question", nargs="?", help="answer this one question and exit (else: interactive)")
   parser.add_argument("--image", help="image file (default: text only)")
@@ -82,14 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="compute dtype (auto: float32 on CPU, bfloat16 elsewhere)")
   parser.add_argument("--compilation-cache", metavar="DIR",
                       help="persistent compilation cache: a second start skips XLA (default $JAX_COMPILATION_CACHE_DIR)")
+  add_debug_flag(parser)
   args = parser.parse_intermixed_args(argv)
+  return run_cli(lambda: run(args), debug=args.debug)
 
-  try:
-    image = None if args.image is None else load_image(args.image)
-  except ImageError as e:
-    parser.error(str(e))
+
+def run(args: argparse.Namespace) -> None:
+  image = None if args.image is None else load_image(args.image)
+  # Checked before the model loads (which can take a minute).
+  SamplingParams(args.do_sample, args.temperature, args.top_k, args.top_p)
+  if args.max_new_tokens < 1:
+    raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   enable_compilation_cache(args.compilation_cache)
-
   model = FlashVL.from_pretrained(args.checkpoint, dtype=default_dtype() if args.dtype == "auto" else args.dtype)
   kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -97,7 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _answer(model, image, [{"role": "user", "content": args.question}], sys.stdout, **kwargs)
   else:
     interactive(model, image, sys.stdin, sys.stdout, **kwargs)
-  return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ A model checkpoint is a directory:
   params/         an Orbax PyTree of every `nnx.Param`, nested like the module (`nnx.to_pure_dict`); per-layer
                   parameters are stacked: `llm.model.layers.mlp.up_proj.kernel` is [L, in, out]
   tokenizer.json, ...   tokenizer / processor files copied from the source, when it had them
+  checksums.json  size and CRC-32 of every other file (`integrity`), verified by every load and `convert inspect`
 
 `save_model` writes one from a live module (any mesh, any number of processes); `write_model` streams one in
 tensor by tensor (the Hugging Face converter). Both write into a temporary sibling `<dir>.incomplete` and rename
@@ -35,8 +36,9 @@ import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flashvl_jax import sharding
+from flashvl_jax import integrity, sharding
 from flashvl_jax.config import FlashVLConfig, LLMConfig, TilingConfig, VisionConfig, from_dict, to_dict
+from flashvl_jax.errors import PathExistsError
 from flashvl_jax.models.aimv2 import Aimv2VisionTower
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
@@ -276,13 +278,13 @@ def _reclaim_staging(staging: pathlib.Path) -> None:
   """Removes a staging directory left by an interrupted write, or refuses if it may still be in use."""
   writer_file = staging / WRITER_FILE
   if not writer_file.is_file():
-    raise FileExistsError(f"{staging} exists but was not created by flashvl_jax; remove it and run again")
+    raise PathExistsError(f"{staging} exists but was not created by flashvl_jax; remove it and run again")
   writer = json.loads(writer_file.read_text())
   if writer.get("host") != socket.gethostname():
-    raise FileExistsError(f"{staging} is being written (or was left) by process {writer.get('pid')} on host "
+    raise PathExistsError(f"{staging} is being written (or was left) by process {writer.get('pid')} on host "
                           f"{writer.get('host')!r}; if no conversion is running there, remove it and run again")
   if writer.get("pid") != os.getpid() and _pid_alive(int(writer.get("pid", -1))):
-    raise FileExistsError(f"{staging} is being written by process {writer['pid']} (still running); wait for it or "
+    raise PathExistsError(f"{staging} is being written by process {writer['pid']} (still running); wait for it or "
                           f"stop it, then run again")
   shutil.rmtree(staging)
 
@@ -302,9 +304,9 @@ def staged_directory(path: str | pathlib.Path, *, overwrite: bool = False,
   if _is_primary():
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
       if not is_complete(path):
-        raise FileExistsError(f"{path} exists and is not a {what}; choose another destination or remove it")
+        raise PathExistsError(f"{path} exists and is not a {what}; choose another destination or remove it")
       if not overwrite:
-        raise FileExistsError(f"{path} already holds a complete {what}; pass --overwrite (overwrite=True) to "
+        raise PathExistsError(f"{path} already holds a complete {what}; pass --overwrite (overwrite=True) to "
                               "replace it")
     if staging.exists():
       _reclaim_staging(staging)
@@ -338,7 +340,8 @@ def _dtype_name(arrays: Iterable[Any]) -> str:
 
 def write_descriptors(directory: pathlib.Path, architecture: str, config: Any, *, param_dtype: str, num_params: int,
                       metadata: Mapping[str, Any] | None = None, files: Iterable[pathlib.Path] = ()) -> None:
-  """config.yaml, the copied `files`, then metadata.json (last: it marks the directory as a checkpoint).
+  """config.yaml, the copied `files`, checksums.json (over everything so far, params/ included), then
+  metadata.json (last: it marks the directory as a checkpoint).
 
   metadata.json always holds format, format_version, architecture, param_dtype and num_params; `metadata` adds
   e.g. source, source_dtype, hf_layout (`vision_layout`), tied, image_token_num, dropped_keys and hf_config (the
@@ -351,6 +354,7 @@ def write_descriptors(directory: pathlib.Path, architecture: str, config: Any, *
     shutil.copy2(f, directory / pathlib.Path(f).name)
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
           "param_dtype": param_dtype, "num_params": num_params, **(metadata or {})}
+  integrity.write_manifest(directory, skip=(METADATA_FILE, WRITER_FILE))
   (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -374,7 +378,8 @@ def save_model(path: str | pathlib.Path, model: nnx.Module, *, metadata: Mapping
   params = nnx.state(model, nnx.Param)
   arrays = [v for _, (_, v) in flat_params(params).items()]
   with staged_directory(path, overwrite=overwrite) as staging:
-    ocp.save(staging / PARAMS_DIR, nnx.to_pure_dict(params))
+    integrity.storage_errors(lambda: ocp.save(staging / PARAMS_DIR, nnx.to_pure_dict(params)), path,
+                             "model checkpoint")
     write_descriptors(staging, architecture, module_config(model), param_dtype=_dtype_name(arrays),
                       num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files)
   return pathlib.Path(path)
@@ -415,15 +420,15 @@ def write_model(path: str | pathlib.Path, module: nnx.Module, tensors: Iterable[
         progress.update(array.nbytes)
         progress.set_postfix_str(f"{len(written)}/{len(expected)} tensors")
       if chunk_bytes >= CHUNK_BYTES:
-        ocp.partial.save(params_dir, chunk)
+        integrity.storage_errors(lambda: ocp.partial.save(params_dir, chunk), path, "model checkpoint")
         chunk, chunk_bytes = {}, 0
     missing = sorted(set(expected) - written)
     if missing:
       raise WeightMappingError(f"{len(missing)} parameters were never written:\n" +
                                "\n".join(f"  {m}" for m in missing))
     if chunk:
-      ocp.partial.save(params_dir, chunk)
-    ocp.partial.finalize(params_dir)
+      integrity.storage_errors(lambda: ocp.partial.save(params_dir, chunk), path, "model checkpoint")
+    integrity.storage_errors(lambda: ocp.partial.finalize(params_dir), path, "model checkpoint")
     arrays = [v for _, v in expected.values()]
     write_descriptors(staging, architecture_of(module), module_config(module), param_dtype=_dtype_name(arrays),
                       num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files)
@@ -499,6 +504,20 @@ def read_info(path: str | pathlib.Path) -> CheckpointInfo:
   return CheckpointInfo(path, architecture, config, meta)
 
 
+def data_check(path: str | pathlib.Path) -> str:
+  """'ok (N MB read, checksums match)' for a checkpoint whose every file matches checksums.json; raises
+  `integrity.CorruptCheckpointError` otherwise. Reads every byte."""
+  path = resolve_checkpoint(path)
+  if not integrity.has_manifest(path):
+    return f"not possible: no {integrity.MANIFEST_FILE} (written before flashvl_jax recorded checksums)"
+  return f"ok ({integrity.verify_manifest(path) / 1e6:,.1f} MB read, checksums match)"
+
+
+def read_config(path: str | pathlib.Path) -> Any:
+  """The config of a model checkpoint, training step directory or HF directory, without reading tensors."""
+  return open_hf(path).config if is_hf_directory(pathlib.Path(path)) else read_info(path).config
+
+
 def saved_params(path: str | pathlib.Path) -> dict[str, Any]:
   """Dotted path -> Orbax leaf metadata (shape, dtype) of a model checkpoint's params, without reading them."""
   return flatten_tree(ocp.metadata(pathlib.Path(path) / PARAMS_DIR).metadata)
@@ -519,6 +538,14 @@ def check_saved_params(path: pathlib.Path, module: nnx.Module) -> None:
       if items:
         lines += [f"  {len(items)} {title}:"] + [f"    {x}" for x in items]
     raise WeightMappingError("\n".join(lines))
+
+
+def check_loadable(path: pathlib.Path, module: nnx.Module) -> None:
+  """Before reading parameters: names and shapes match `module`, and every file matches its checksum (reads every
+  byte; checkpoints written before checksums were recorded have none to check)."""
+  check_saved_params(path, module)
+  if integrity.has_manifest(path):
+    integrity.verify_manifest(path)
 
 
 def restore_target(state: nnx.State, mesh: jax.sharding.Mesh | None, dtype: str | None = None) -> dict:
@@ -560,7 +587,7 @@ def load_module(path: str | pathlib.Path, *, dtype: str | None = None, mesh: jax
   _expect_architecture(info.architecture, architecture, path)
   module = abstract_module(info.architecture, info.config,
                            dtype if dtype or info.architecture == "flashvl" else info.param_dtype)
-  check_saved_params(info.path, module)
+  check_loadable(info.path, module)
   graphdef, state = nnx.split(module)
   restored = ocp.load(info.path / PARAMS_DIR, restore_target(state, mesh))
   nnx.replace_by_pure_dict(state, restored)
@@ -587,7 +614,7 @@ def load_model(path: str | pathlib.Path, *, dtype: str | None = None,
 
 
 __all__ = [
-    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "is_model_checkpoint",
-    "load_model", "load_module", "open_hf", "read_info", "resolve_checkpoint", "save_model", "staged_directory",
-    "tokenizer_source", "write_model"
+    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "check_loadable", "data_check",
+    "is_model_checkpoint", "load_model", "load_module", "open_hf", "read_config", "read_info", "resolve_checkpoint",
+    "save_model", "staged_directory", "tokenizer_source", "write_model"
 ]

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from flashvl_jax.cli import USAGE_ERROR, ArgumentParser, run_cli
+from flashvl_jax.config import ConfigError
 from flashvl_jax.host_memory import peak_rss_gb
 
 PRESETS = {"full": {"static": "flashvl-2b-static", "iss": "flashvl-2b-dynamic-iss"},
@@ -98,6 +100,8 @@ def run_child(part: str, preset: str, layers: int | None, topology: str | None, 
   command += ["--topology", topology] if topology and part == "train" else []
   start = time.perf_counter()
   done = subprocess.run(command, capture_output=True, text=True, env=env)
+  if done.returncode == USAGE_ERROR:  # the child reported a problem the user can fix (e.g. no libtpu)
+    raise ConfigError(done.stderr.strip().splitlines()[-1].removeprefix("error: "))
   if done.returncode != 0:
     raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
   result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -118,7 +122,7 @@ def format_row(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m flashvl_jax.bench --compile", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="python -m flashvl_jax.bench --compile", description=__doc__.split("\n\n")[0])
   parser.add_argument("--size", choices=tuple(PRESETS), default="full", help="model presets (default full)")
   parser.add_argument("--variants", default="static,iss", help="comma-separated: static, iss")
   parser.add_argument("--depths", default="2,full", help="layers per tower to compile at: numbers and/or 'full'")
@@ -133,13 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.one:  # a child: one measurement, JSON on the last line
     from flashvl_jax.compilation_cache import enable_compilation_cache
     enable_compilation_cache()
-    print(json.dumps(measure(args.one, args.preset, args.layers, args.topology)))
-    return 0
+    return run_cli(lambda: print(json.dumps(measure(args.one, args.preset, args.layers, args.topology))))
   variants = [v for v in args.variants.split(",") if v]
   unknown = set(variants) - set(PRESETS[args.size])
   if unknown:
-    print(f"error: unknown variants {sorted(unknown)}; choose from {sorted(PRESETS[args.size])}", file=sys.stderr)
-    return 2
+    parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(PRESETS[args.size])}")
+  return run_cli(lambda: run(args, variants))
+
+
+def run(args: argparse.Namespace, variants: list[str]) -> None:
   depths = [None if d == "full" else int(d) for d in args.depths.split(",") if d]
   runs = [("cold", dict(os.environ))]
   if args.compilation_cache:
@@ -157,7 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
-  return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Typed configuration for Flash-VL models, read from plain YAML.
 
 Every config is a frozen dataclass. `from_dict` validates a nested dict once: an unknown key, a wrong
-type or a bad enum value raises `ConfigError` naming the dotted key (with a "did you mean" hint).
+type, a bad enum value or a number outside its field's range (`bounded`) raises `ConfigError` naming the
+dotted key (with a "did you mean" hint).
 Presets live as YAML in the repository's `configs/models/` (importable as `flashvl_jax.configs`).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import operator
 import pathlib
 import types
 import typing
@@ -17,9 +19,34 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar
 
 import yaml
 
+from flashvl_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """Bounds of a numeric field; None: unbounded on that side."""
+
+  ge: float | None = None
+  gt: float | None = None
+  le: float | None = None
+  lt: float | None = None
+
+  def violation(self, value: float) -> str | None:
+    for bound, word, holds in ((self.ge, ">=", operator.ge), (self.gt, ">", operator.gt), (self.le, "<=", operator.le),
+                               (self.lt, "<", operator.lt)):
+      if bound is not None and not holds(value, bound):
+        return f"must be {word} {bound}"
+    return None
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+  """A numeric dataclass field whose range `from_dict` checks (a None value is not checked)."""
+  return dataclasses.field(default=default, metadata={"range": Range(ge, gt, le, lt)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +54,14 @@ class VisionConfig:
   """A ViT tower: `siglip` (SiglipVisionModel) or `aimv2` (Aimv2VisionModel). Field names follow HF."""
 
   kind: Literal["siglip", "aimv2"] = "siglip"
-  image_size: int = 512
-  patch_size: int = 16
-  num_channels: int = 3
-  hidden_size: int = 1152
-  intermediate_size: int = 4304
-  num_hidden_layers: int = 27
-  num_attention_heads: int = 16
-  norm_eps: float = 1e-6  # SigLIP LayerNorm 1e-6; AIMv2 RMSNorm 1e-5
+  image_size: int = bounded(512, ge=1)
+  patch_size: int = bounded(16, ge=1)
+  num_channels: int = bounded(3, ge=1)
+  hidden_size: int = bounded(1152, ge=1)
+  intermediate_size: int = bounded(4304, ge=1)
+  num_hidden_layers: int = bounded(27, ge=1)
+  num_attention_heads: int = bounded(16, ge=1)
+  norm_eps: float = bounded(1e-6, gt=0)  # SigLIP LayerNorm 1e-6; AIMv2 RMSNorm 1e-5
   use_head: bool = False  # SigLIP MAP pooling head (unused by Flash-VL, kept for SiglipModel checkpoints)
 
   def __post_init__(self):
@@ -63,17 +90,17 @@ class VisionConfig:
 class LLMConfig:
   """Qwen2 / Qwen2.5 causal LM (`Qwen2ForCausalLM`). Field names follow HF."""
 
-  vocab_size: int = 151936
-  hidden_size: int = 1536
-  intermediate_size: int = 8960
-  num_hidden_layers: int = 28
-  num_attention_heads: int = 12
-  num_key_value_heads: int = 2
-  head_dim: int = 128
-  rope_theta: float = 1_000_000.0
-  rms_norm_eps: float = 1e-6
+  vocab_size: int = bounded(151936, ge=1)
+  hidden_size: int = bounded(1536, ge=1)
+  intermediate_size: int = bounded(8960, ge=1)
+  num_hidden_layers: int = bounded(28, ge=1)
+  num_attention_heads: int = bounded(12, ge=1)
+  num_key_value_heads: int = bounded(2, ge=1)
+  head_dim: int = bounded(128, ge=2)
+  rope_theta: float = bounded(1_000_000.0, gt=0)
+  rms_norm_eps: float = bounded(1e-6, gt=0)
   tie_word_embeddings: bool = True
-  max_position_embeddings: int = 32768
+  max_position_embeddings: int = bounded(32768, ge=1)
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -95,10 +122,10 @@ class AdapterConfig:
   """
 
   kind: Literal["ln_mlp3", "mlp2"] = "ln_mlp3"
-  intermediate_size: int = 6912
-  shuffle_factor: int = 2
+  intermediate_size: int = bounded(6912, ge=1)
+  shuffle_factor: int = bounded(2, ge=1)
   token_order: Literal["row_major", "column_major"] = "row_major"
-  norm_eps: float = 1e-5
+  norm_eps: float = bounded(1e-5, gt=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +248,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     if key not in names:
       raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(key, names)}")
   kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+  for field in dataclasses.fields(cls):
+    bounds = field.metadata.get("range")
+    value = kwargs.get(field.name)
+    problem = bounds.violation(value) if bounds is not None and isinstance(value, (int, float)) else None
+    if problem:
+      raise ConfigError(f"{prefix}{field.name} {problem}, got {value}")
   try:
     return cls(**kwargs)
   except ConfigError:
@@ -267,8 +300,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
   return data
 
 
-def preset_names() -> list[str]:
-  root = importlib.resources.files("flashvl_jax.configs").joinpath("models")
+def preset_names(section: str = "models") -> list[str]:
+  """The YAML names in `configs/<section>/` (models: model presets; train: training configs)."""
+  root = importlib.resources.files("flashvl_jax.configs").joinpath(section)
   return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -282,10 +316,17 @@ def read_yaml(name_or_path: str | pathlib.Path, section: str = "models") -> dict
   else:
     res = importlib.resources.files("flashvl_jax.configs").joinpath(section, f"{name_or_path}.yaml")
     if not res.is_file():
-      names = preset_names() if section == "models" else []
-      raise ConfigError(f"no preset named {str(name_or_path)!r}{_suggest(str(name_or_path), names)}")
+      names = preset_names(section)
+      close = difflib.get_close_matches(str(name_or_path), names, n=1)
+      hint = f"did you mean '{close[0]}'? " if close else ""
+      raise ConfigError(f"no {'preset' if section == 'models' else 'config'} named {str(name_or_path)!r} in "
+                        f"configs/{section}/ ({hint}available: {', '.join(names)}; or pass a YAML path)")
+    path = pathlib.Path(str(res))
     text = res.read_text()
-  data = yaml.safe_load(text) or {}
+  try:
+    data = yaml.safe_load(text) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
   if not isinstance(data, dict):
     raise ConfigError(f"{name_or_path}: the top level must be a mapping")
   return data

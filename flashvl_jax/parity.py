@@ -18,6 +18,8 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from flashvl_jax.cli import ArgumentParser, run_cli
+from flashvl_jax.errors import MissingDependencyError
 from flashvl_jax.weights.auto import from_hf
 
 FP32_TOL = 1e-4
@@ -163,15 +165,18 @@ def run(out_dir: pathlib.Path) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m flashvl_jax.parity", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="python -m flashvl_jax.parity", description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", type=pathlib.Path, default=None,
                       help="where to write the tiny checkpoints (default: a temporary directory)")
   args = parser.parse_args(argv)
+  return run_cli(lambda: check(args))
+
+
+def check(args: argparse.Namespace) -> int:
   try:
     import torch  # noqa: F401
   except ImportError:
-    print("python -m flashvl_jax.parity needs PyTorch: pip install -e '.[test]'", file=sys.stderr)
-    return 2
+    raise MissingDependencyError("python -m flashvl_jax.parity needs PyTorch: pip install -e '.[test]'") from None
   if args.out is None:
     with tempfile.TemporaryDirectory() as tmp:
       rows = run(pathlib.Path(tmp))

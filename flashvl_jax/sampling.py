@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax import sharding
+from flashvl_jax.errors import UserError
 from flashvl_jax.models.flashvl import FlashVLModel, check_image_placeholders
 from flashvl_jax.models.layers import set_attention
 
@@ -50,6 +51,9 @@ MIN_DECODE_BUCKET = 32
 STOP_SLOTS = 8  # stop ids travel padded to this many (with -1), so changing them does not recompile
 ATTENTION_CHOICES = ("auto", "xla", "looped", "cudnn")
 
+
+class InvalidRequestError(UserError, ValueError):
+  """Generation arguments or inputs the caller can fix (a bad sampling setting, a prompt over the limit, ...)."""
 
 
 @flax.struct.dataclass
@@ -80,12 +84,12 @@ class SamplingParams:
 
   def __post_init__(self):
     if self.do_sample and not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for "
-                       "greedy decoding")
+      raise InvalidRequestError(f"temperature must be > 0 when sampling, got {self.temperature}; use "
+                                "do_sample=False for greedy decoding")
     if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+      raise InvalidRequestError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
+      raise InvalidRequestError(f"top_p must be in (0, 1] (1 turns it off), got {self.top_p}")
 
   def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(temperature, top_k, top_p) as traced scalars: changing them does not recompile."""
@@ -179,7 +183,7 @@ class Sampler:
     GPU 'cudnn' when the model is bf16/fp16 and cuDNN takes its head sizes; else 'xla' (decode, one query per
     row, gains nothing from flash attention)."""
     if attention not in ATTENTION_CHOICES:
-      raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+      raise InvalidRequestError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
     if attention != "auto":
       return attention
     if jax.default_backend() == "cpu":
@@ -195,18 +199,19 @@ class Sampler:
     """Validates a batch on the host and lays it out for prefill (see the module docstring)."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] == 0:
-      raise ValueError(f"input_ids must be [batch, length] with batch >= 1, got shape {ids.shape}")
+      raise InvalidRequestError(f"input_ids must be [batch, length] with batch >= 1, got shape {ids.shape}")
     mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
     if mask.shape != ids.shape:
-      raise ValueError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
+      raise InvalidRequestError(f"attention_mask has shape {mask.shape} but input_ids has {ids.shape}")
     lengths = mask.astype(bool).sum(axis=1)
     if lengths.min() == 0:
-      raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens (attention_mask all 0)")
+      raise InvalidRequestError(f"rows {np.flatnonzero(lengths == 0).tolist()} have no tokens (attention_mask "
+                                "all 0)")
     if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+      raise InvalidRequestError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = max_length or self.config.llm.max_position_embeddings
     if lengths.max() + max_new_tokens > limit:
-      raise ValueError(
+      raise InvalidRequestError(
           f"a prompt of {lengths.max()} tokens plus max_new_tokens={max_new_tokens} needs "
           f"{lengths.max() + max_new_tokens} positions but the limit is {limit} "
           f"({'max_length' if max_length else 'llm.max_position_embeddings'}); shorten the prompt or lower "
@@ -214,13 +219,13 @@ class Sampler:
     real = ids[mask.astype(bool)]
     vocab = self.config.llm.vocab_size
     if real.max() >= vocab:
-      raise ValueError(f"input_ids hold id {real.max()} but the model's vocabulary has {vocab} ids; was the prompt "
-                       "tokenized for another model?")
+      raise InvalidRequestError(f"input_ids hold id {real.max()} but the model's vocabulary has {vocab} ids; was "
+                                "the prompt tokenized for another model?")
     has_image = bool((real < 0).any())
     if num_image_tokens is not None:
       check_image_placeholders(np.where(mask.astype(bool), ids, 0), num_image_tokens)
     if has_image and pixel_values is None:
-      raise ValueError("input_ids hold image placeholders (ids < 0) but no pixel_values were given")
+      raise InvalidRequestError("input_ids hold image placeholders (ids < 0) but no pixel_values were given")
     aligned_ids, aligned_mask = _left_align(ids, mask, bucket_length(lengths.max()))
     pixels = index = None
     if has_image:

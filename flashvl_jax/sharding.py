@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from flashvl_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical role -> mesh axes (tuple: shard over several; None: replicate)
@@ -40,6 +42,10 @@ RULES: dict[str, tuple[str, ...] | None] = {
 }
 
 
+def _describe(sizes: Sequence[int]) -> str:
+  return ", ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+
+
 def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh. Sizes may be -1 (fill with the remaining devices).
 
@@ -51,22 +57,25 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] | None = None, devices=No
   elif isinstance(shape, Mapping):
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-      raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+      raise ConfigError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   else:
     sizes = [int(s) for s in shape]
     if len(sizes) != len(MESH_AXES):
-      raise ValueError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+      raise ConfigError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+    raise ConfigError(f"mesh {_describe(sizes)}: every axis size must be >= 1, except at most one -1 (all remaining "
+                      "devices)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {sizes}")
+      raise ConfigError(f"mesh {_describe(sizes)} cannot be filled by {len(devices)} devices: the fixed axes "
+                        f"multiply to {known}, which does not divide {len(devices)}; set mesh.data, mesh.fsdp and "
+                        "mesh.tensor (one may be -1) so that they fit")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{len(devices)} are available")
+    raise ConfigError(f"mesh {_describe(sizes)} needs {math.prod(sizes)} devices, {len(devices)} are available; "
+                      "set mesh.data, mesh.fsdp and mesh.tensor (one may be -1) so that they fit")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 

@@ -79,9 +79,9 @@ def test_cli_one_question(hf_checkpoint, hf_model):
 
 
 def test_cli_rejects_a_missing_image(hf_checkpoint, tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    chat.main([str(hf_checkpoint[0]), "--image", str(tmp_path / "missing.png"), "Hi"])
-  assert "missing.png" in capsys.readouterr().err
+  assert chat.main([str(hf_checkpoint[0]), "--image", str(tmp_path / "missing.png"), "Hi"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "missing.png" in err
 
 
 def test_interactive_session(hf_checkpoint, hf_model):

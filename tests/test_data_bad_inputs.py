@@ -44,7 +44,7 @@ def _png_bomb(side=100_000):
 
 
 def _cases(tmp_path):
-  """(good JSONL lines, {case: (JSONL line, expected error type)}); the image files they name are written."""
+  """(good JSONL lines, {case: (JSONL line, expected skip kind)}); the image files they name are written."""
   (tmp_path / "red.png").write_bytes(_png(Image.new("RGB", (32, 32), (255, 0, 0))))
   good = [json.dumps({"id": f"good{i}", "image": "red.png", "conversations": QA}) for i in range(3)]
   png = _png(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
@@ -54,13 +54,13 @@ def _cases(tmp_path):
   for case, data in files.items():
     if data is not None:
       (tmp_path / f"{case}.png").write_bytes(data)
-    cases[case] = (json.dumps({"id": case, "image": f"{case}.png", "conversations": QA}), "ImageError")
+    cases[case] = (json.dumps({"id": case, "image": f"{case}.png", "conversations": QA}), "bad_image")
   long_question = [{"from": "human", "value": "why " * 500}, {"from": "gpt", "value": "because"}]
   cases.update(
-      malformed_json=('{"id": "cut", "conversations": [', "BadSampleError"),
-      no_answer=(json.dumps({"id": "no_answer", "image": "red.png", "conversations": QA[:1]}), "BadSampleError"),
-      too_long=(json.dumps({"id": "too_long", "conversations": long_question}), "PromptTooLongError"),
-      assistant_first=(json.dumps({"id": "assistant_first", "conversations": QA[::-1]}), "ValueError"),
+      malformed_json=('{"id": "cut", "conversations": [', "bad_record"),
+      no_answer=(json.dumps({"id": "no_answer", "image": "red.png", "conversations": QA[:1]}), "bad_record"),
+      too_long=(json.dumps({"id": "too_long", "conversations": long_question}), "too_long"),
+      assistant_first=(json.dumps({"id": "assistant_first", "conversations": QA[::-1]}), "bad_record"),
   )
   return good, cases
 

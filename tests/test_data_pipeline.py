@@ -159,7 +159,8 @@ def test_packing_concatenates_examples_and_points_images_at_their_own_tiles(proc
 
 def test_preference_records_batch_chosen_and_rejected_with_one_image(processor):
   prefs = SyntheticPreferences(SyntheticVQA(4, config=SyntheticConfig(image_size=56)))
-  (batch,) = list(make_dataset(prefs, processor, batch_size=4, shuffle=False, shard_index=0, shard_count=1))
+  (batch,) = list(make_dataset(prefs, processor, batch_size=4, shuffle=False, shard_index=0, shard_count=1,
+                               records="preference"))
   assert {"chosen_input_ids", "rejected_loss_mask", "pixel_values", "image_patch_index"} <= batch.keys()
   assert "input_ids" not in batch
   tok = processor.tokenizer
@@ -167,7 +168,7 @@ def test_preference_records_batch_chosen_and_rejected_with_one_image(processor):
   assert _answers(batch, tok, "rejected_") == [prefs[i]["rejected"] for i in range(4)]
   np.testing.assert_array_equal(batch["chosen_input_ids"] < 0, batch["rejected_input_ids"] < 0)
   with pytest.raises(ValueError, match="preference .*packing=False"):
-    next(iter(make_dataset(prefs, processor, batch_size=2, packing=True, shard_index=0, shard_count=1)))
+    make_dataset(prefs, processor, batch_size=2, packing=True, shard_index=0, shard_count=1, records="preference")
 
 
 def test_worker_processes_give_the_same_batches(processor):

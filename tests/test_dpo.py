@@ -34,7 +34,7 @@ def pair_batches(cfg):
   """Two batches of 8 preference pairs, one question type of each kind per 4 (a fixed set seen repeatedly below)."""
   processor = Processor(cfg, load_tokenizer("qwen2.5"), max_length=48)
   source = SyntheticPreferences(SyntheticVQA(16, "train", SyntheticConfig(image_size=64)))
-  ds = make_dataset(source, processor, batch_size=8, shuffle=False, num_threads=0)
+  ds = make_dataset(source, processor, batch_size=8, shuffle=False, num_threads=0, records="preference")
   return list(itertools.islice(iter(ds), 2))
 
 

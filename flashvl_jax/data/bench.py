@@ -17,6 +17,7 @@ from typing import Sequence
 
 from absl import flags
 
+from flashvl_jax.cli import ArgumentParser
 from flashvl_jax.config import load_config
 from flashvl_jax.data.pipeline import make_dataset
 from flashvl_jax.data.synthetic import SyntheticConfig, SyntheticVQA
@@ -54,7 +55,7 @@ def images_per_second(records: list[dict], processor: Processor, *, batch_size: 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[tuple[str, str], float]:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", default="flashvl-2b-dynamic-iss", help="model preset giving the tile geometry")
   parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
   parser.add_argument("--num-images", type=int, default=16, help="distinct source images")

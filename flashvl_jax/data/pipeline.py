@@ -18,11 +18,14 @@ placeholder of the row still takes the k-th image token, so the model needs no c
 conversation (SFT) records only.
 
 Bad samples (unreadable or malformed records, corrupt / truncated / empty / missing images, decompression
-bombs, conversations without an assistant turn, prompts longer than `max_length`) raise `ValueError`s while
-encoding. With `bad_sample_policy="skip"` they are logged with their id and reason, counted in `SkipStats`
-and dropped before batching, so batch shapes never change; with `"fail"` the pipeline raises
-`BadSampleError` naming the sample. Skipping happens in the consuming process, so the counts are complete
-with worker processes too. The counts are not part of the iterator state.
+bombs, conversations without an assistant turn, prompts longer than `max_length`, a record of the other kind
+than `records`) raise `ValueError`s while encoding. With `bad_sample_policy="skip"` they are counted by kind in
+`SkipStats` (the first few are logged with their id and reason) and dropped before batching, so batch shapes
+never change; with `"fail"` the pipeline raises `BadSampleError` naming the sample. Skipping never spins: when
+`SkipLimits.max_consecutive` samples in a row are bad, or more than `max_fraction` of those read so far (once
+`min_seen` have been read), the pipeline raises `DataError` with the commonest reasons. Skipping happens in the
+consuming process, so the counts are complete with worker processes too. The counts are not part of the
+iterator state (after a resume they count from zero).
 """
 
 from __future__ import annotations
@@ -38,15 +41,18 @@ import grain
 import jax
 import numpy as np
 
-from flashvl_jax.data.sources import BadSampleError
-from flashvl_jax.preprocess.image import load_image
-from flashvl_jax.preprocess.processor import Processor
+from flashvl_jax.data.sources import BadSampleError, DataError
+from flashvl_jax.preprocess.image import ImageError, load_image
+from flashvl_jax.preprocess.processor import Processor, PromptTooLongError
 from flashvl_jax.preprocess.prompt import normalize_messages
 
 logger = logging.getLogger(__name__)
 
 BadSamplePolicy = Literal["skip", "fail"]
+RecordKind = Literal["conversation", "preference"]
 TEXT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+SKIP_KINDS = ("too_long", "bad_image", "bad_record")  # what skipped samples are counted by
+LOGGED_SKIPS = 20  # skipped samples logged one by one; the rest are only counted
 
 
 def encode_record(record: Mapping[str, Any], processor: Processor) -> dict[str, np.ndarray]:
@@ -72,69 +78,119 @@ def encode_record(record: Mapping[str, Any], processor: Processor) -> dict[str, 
   return processor.encode_example(record.get("image"), messages)
 
 
+def skip_kind(error: Exception) -> str:
+  """The `SKIP_KINDS` entry a bad sample's error is counted under."""
+  if isinstance(error, PromptTooLongError):
+    return "too_long"
+  return "bad_image" if isinstance(error, ImageError) else "bad_record"
+
+
 @dataclasses.dataclass(frozen=True)
 class Skipped:
   """Stands in for a bad sample between encoding (in threads / workers) and the skipping filter."""
 
   sample_id: str
-  error_type: str
+  kind: str  # one of SKIP_KINDS
   reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class SkipLimits:
+  """When skipping means the data (or a setting such as max_length) is broken, not a few samples."""
+
+  max_consecutive: int = 1000  # bad samples in a row
+  max_fraction: float = 0.5  # of the samples read so far ...
+  min_seen: int = 100  # ... once this many have been read
+
+
 class SkipStats:
-  """What the pipeline skipped: `total`, `counts` per error type, `reasons` per sample id (first 1000)."""
+  """What the pipeline skipped: `total`, `counts` per kind (`SKIP_KINDS`), `reasons` per sample id (first
+  1000), `examples` (one sample id and reason per kind), and `seen` (samples read, good or bad)."""
 
   def __init__(self, max_reasons: int = 1000):
     self._lock = threading.Lock()
     self._max_reasons = max_reasons
     self.total = 0
+    self.seen = 0
+    self.consecutive = 0
     self.counts: collections.Counter[str] = collections.Counter()
     self.reasons: dict[str, str] = {}
+    self.examples: dict[str, tuple[str, str]] = {}
 
   def add(self, skipped: Skipped) -> None:
     with self._lock:
       self.total += 1
-      self.counts[skipped.error_type] += 1
+      self.seen += 1
+      self.consecutive += 1
+      self.counts[skipped.kind] += 1
+      self.examples.setdefault(skipped.kind, (skipped.sample_id, skipped.reason))
       if len(self.reasons) < self._max_reasons:
         self.reasons[skipped.sample_id] = skipped.reason
 
+  def add_good(self) -> None:
+    with self._lock:
+      self.seen += 1
+      self.consecutive = 0
+
+  def check(self, limits: SkipLimits) -> None:
+    """Raises `DataError` when `limits` say the data is broken."""
+    if self.consecutive >= limits.max_consecutive:
+      what = f"{self.consecutive} samples in a row were bad (limit {limits.max_consecutive})"
+    elif self.seen >= limits.min_seen and self.total > limits.max_fraction * self.seen:
+      what = f"{self.total} of the {self.seen} samples read were bad (limit {limits.max_fraction:.0%})"
+    else:
+      return
+    raise DataError(f"stopped: {what}. Most common reasons: {self.summary()}. Fix the data or the setting the "
+                    "reasons name (e.g. data.max_length); data.max_consecutive_skips and data.max_skip_fraction set "
+                    "the limits")
+
+  def summary(self) -> str:
+    """'too_long: 12 (e.g. sample 'a': ...); bad_image: 3 (...)', commonest first."""
+    return "; ".join(f"{kind}: {count} (e.g. sample {self.examples[kind][0]!r}: {self.examples[kind][1]})"
+                     for kind, count in self.counts.most_common())
+
   def __repr__(self) -> str:
-    return f"SkipStats(total={self.total}, counts={dict(self.counts)})"
+    return f"SkipStats(total={self.total}, seen={self.seen}, counts={dict(self.counts)})"
 
 
 class _EncodeIndex:
   """Source index -> encoded example, or `Skipped` (policy 'skip') for a bad sample. Picklable for workers."""
 
-  def __init__(self, source: Any, processor: Processor, policy: BadSamplePolicy):
-    self.source, self.processor, self.policy = source, processor, policy
+  def __init__(self, source: Any, processor: Processor, policy: BadSamplePolicy, records: RecordKind):
+    self.source, self.processor, self.policy, self.records = source, processor, policy, records
 
   def __call__(self, index: int) -> dict[str, np.ndarray] | Skipped:
     sample_id = f"index {index}"
     try:
       record = self.source[index]
       sample_id = str(record.get("id", sample_id))
+      kind = "preference" if "chosen" in record else "conversation"
+      if kind != self.records:
+        raise BadSampleError(sample_id, f"a {kind} record among {self.records} records (a file mixes SFT "
+                             "conversations and DPO preference pairs); keep one kind per file")
       return encode_record(record, self.processor)
     except ValueError as e:  # the processor's and the sources' input errors (see module docstring)
       sample_id = getattr(e, "sample_id", sample_id)
       reason = getattr(e, "reason", str(e))
       if self.policy == "fail":
         raise BadSampleError(sample_id, f"{reason} (bad_sample_policy='skip' skips and counts such samples)") from e
-      return Skipped(sample_id, type(e).__name__, reason)
+      return Skipped(sample_id, skip_kind(e), reason)
 
 
-def _keep_good(element: Any, stats: SkipStats) -> bool:
-  if isinstance(element, Skipped):
-    stats.add(element)
-    logger.warning("skipping sample %s (%s): %s", element.sample_id, element.error_type, element.reason)
-    return False
-  return True
+def _keep_good(element: Any, stats: SkipStats, limits: SkipLimits) -> bool:
+  if not isinstance(element, Skipped):
+    stats.add_good()
+    return True
+  stats.add(element)
+  if stats.total <= LOGGED_SKIPS:
+    logger.warning("skipping sample %s (%s): %s%s", element.sample_id, element.kind, element.reason,
+                   "; further skipped samples are counted, not logged" if stats.total == LOGGED_SKIPS else "")
+  stats.check(limits)
+  return False
 
 
 def _trim_for_packing(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Cuts an example to its real length, tiles and image tokens: the pieces grain's packer concatenates."""
-  if "chosen_input_ids" in example:
-    raise ValueError("packing=True supports conversation (SFT) records; batch preference (DPO) records with "
-                     "packing=False")
   n = int(example["attention_mask"].sum())
   return {"input_ids": example["input_ids"][:n], "loss_mask": example["loss_mask"][:n],
           "pixel_values": example["pixel_values"][:int(example["tile_mask"].sum())],
@@ -178,8 +234,9 @@ def _pack(ds: grain.IterDataset, processor: Processor, batch_size: int) -> grain
 def make_dataset(source: Any, processor: Processor, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = 1, shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int = 2, num_workers: int = 0, prefetch: int = 0, drop_remainder: bool = True,
-                 packing: bool = False, bad_sample_policy: BadSamplePolicy = "skip",
-                 skip_stats: SkipStats | None = None) -> grain.IterDataset:
+                 packing: bool = False, records: RecordKind = "conversation",
+                 bad_sample_policy: BadSamplePolicy = "skip", skip_stats: SkipStats | None = None,
+                 skip_limits: SkipLimits = SkipLimits()) -> grain.IterDataset:
   """A grain dataset of batches from `source` (anything with `len` and `[index]` giving records).
 
   Args:
@@ -197,8 +254,11 @@ def make_dataset(source: Any, processor: Processor, *, batch_size: int, seed: in
     prefetch: batches prepared ahead in a background thread (0: none).
     drop_remainder: drop a short last batch; otherwise it is padded with empty rows (all masks zero).
     packing: pack several examples per row (see the module docstring).
+    records: the kind every record must be: "conversation" (SFT) or "preference" (DPO); a record of the
+      other kind is a bad sample.
     bad_sample_policy: "skip" (log, count in `skip_stats`, drop) or "fail" (raise `BadSampleError`).
     skip_stats: where skipped samples are counted; pass one to read the counts.
+    skip_limits: when skipping stops the pipeline with a `DataError` (policy "skip").
 
   Returns:
     A `grain.IterDataset`; `iter()` of it is a `grain.DatasetIterator` with `get_state()` / `set_state()`.
@@ -207,6 +267,9 @@ def make_dataset(source: Any, processor: Processor, *, batch_size: int, seed: in
     raise ValueError(f"bad_sample_policy must be 'skip' or 'fail', got {bad_sample_policy!r}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if packing and records == "preference":
+    raise ValueError("packing=True supports conversation (SFT) records; batch preference (DPO) records with "
+                     "packing=False")
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -218,11 +281,11 @@ def make_dataset(source: Any, processor: Processor, *, batch_size: int, seed: in
   ds = grain.MapDataset.range(len(source))[shard_index::shard_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs).map(_EncodeIndex(source, processor, bad_sample_policy))
+  ds = ds.repeat(num_epochs).map(_EncodeIndex(source, processor, bad_sample_policy, records))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2 * num_threads, 1)))
   if num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  ds = ds.filter(functools.partial(_keep_good, stats=stats))
+  ds = ds.filter(functools.partial(_keep_good, stats=stats, limits=skip_limits))
   if packing:
     ds = _pack(ds, processor, batch_size)
   batch_fn = None if drop_remainder else functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)

@@ -27,12 +27,17 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from flashvl_jax.errors import MissingDependencyError, MissingPathError, UserError
 from flashvl_jax.preprocess.prompt import normalize_messages
 
 PathLike = str | os.PathLike
 
 
-class BadSampleError(ValueError):
+class DataError(UserError, ValueError):
+  """A data file or source that cannot be used at all (unreadable, no records, the wrong kind of records)."""
+
+
+class BadSampleError(UserError, ValueError):
   """A sample that cannot be used (unreadable, malformed, no target); names the sample and the reason."""
 
   def __init__(self, sample_id: str, reason: str):
@@ -120,7 +125,7 @@ class JsonSource:
   def __init__(self, path: PathLike, image_root: PathLike | None = None):
     self.path = pathlib.Path(path)
     if not self.path.is_file():
-      raise FileNotFoundError(f"data file {str(self.path)!r} does not exist")
+      raise MissingPathError(f"data file {str(self.path)!r} does not exist")
     self.image_root = pathlib.Path(image_root) if image_root is not None else self.path.parent
     self._records: list[Any] | None = None
     self._offsets: np.ndarray | None = None
@@ -128,14 +133,14 @@ class JsonSource:
       try:
         records = json.loads(self.path.read_text())
       except json.JSONDecodeError as e:
-        raise ValueError(f"{self.path} is not valid JSON ({e}); use .jsonl for one record per line") from None
+        raise DataError(f"{self.path} is not valid JSON ({e}); use .jsonl for one record per line") from None
       if not isinstance(records, list):
-        raise ValueError(f"{self.path} must hold a JSON list of records, got {type(records).__name__}")
+        raise DataError(f"{self.path} must hold a JSON list of records, got {type(records).__name__}")
       self._records = records
     elif self.path.suffix == ".jsonl":
       self._offsets = _line_offsets(self.path)
     else:
-      raise ValueError(f"unsupported data file {str(self.path)!r}: expected a .json or .jsonl file")
+      raise DataError(f"unsupported data file {str(self.path)!r}: expected a .json or .jsonl file")
 
   def __len__(self) -> int:
     return len(self._records) if self._records is not None else len(self._offsets)
@@ -197,7 +202,7 @@ class ArrayRecordSource:
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
     if missing:
-      raise FileNotFoundError(f"ArrayRecord files not found: {missing}")
+      raise MissingPathError(f"ArrayRecord files not found: {missing}")
     self.image_root = image_root
     self._source = grain.sources.ArrayRecordDataSource([os.fspath(p) for p in paths])
 
@@ -229,7 +234,7 @@ class TfdsSource:
     try:
       import tensorflow_datasets as tfds
     except ImportError:
-      raise ImportError("TfdsSource needs TensorFlow Datasets: pip install tensorflow-datasets "
+      raise MissingDependencyError("TfdsSource needs TensorFlow Datasets: pip install tensorflow-datasets "
                         "(or convert the data to JSONL / ArrayRecord and use JsonSource / ArrayRecordSource)") from None
     self._source = tfds.data_sources.load(name, split=split, data_dir=data_dir)
     self._to_record = to_record

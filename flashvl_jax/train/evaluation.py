@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from flashvl_jax.api import FlashVL
+from flashvl_jax.data.sources import DataError
 from flashvl_jax.data.synthetic import exact_match_accuracy
 
 
@@ -17,7 +18,7 @@ def question_and_answer(record: dict[str, Any]) -> tuple[list[dict[str, str]], s
   """(the conversation up to the last user turn, the reference answer) of a conversation record."""
   messages = record["messages"]
   if messages[-1]["role"] != "assistant":
-    raise ValueError(f"record {record.get('id')!r} does not end with an assistant answer to score against")
+    raise DataError(f"record {record.get('id')!r} does not end with an assistant answer to score against")
   return messages[:-1], messages[-1]["content"]
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flashvl_jax import sampling
+from flashvl_jax.data.sources import DataError
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.tokenizer import Tokenizer
 from flashvl_jax.sharding import batch_sharding
@@ -124,8 +125,8 @@ def split_prompts(batch: dict[str, np.ndarray], tokenizer: Tokenizer) -> tuple[d
   """
   starts = last_answer_start(batch["loss_mask"])
   if (starts < 0).any():
-    raise ValueError(f"rows {np.flatnonzero(starts < 0).tolist()} have no assistant answer; GRPO scores "
-                     "completions against each conversation's last answer")
+    raise DataError(f"rows {np.flatnonzero(starts < 0).tolist()} have no assistant answer; GRPO scores "
+                    "completions against each conversation's last answer")
   positions = np.arange(batch["input_ids"].shape[1])[None, :]
   in_prompt = positions < starts[:, None]
   prompts = {k: batch[k] for k in IMAGE_KEYS}

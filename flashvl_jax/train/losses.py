@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flashvl_jax.config import ConfigError
+
 
 def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(targets [B, T], weights [B, T] fp32): position t is scored on token t + 1; the last position never."""
@@ -44,8 +46,8 @@ def check_max_targets(loss_mask: np.ndarray, max_targets: int | None) -> None:
     return
   most = int(np.asarray(loss_mask)[:, 1:].sum(-1).max(initial=0))
   if most > max_targets:
-    raise ValueError(f"a batch row has {most} answer tokens but max_target_tokens is {max_targets}; raise "
-                     "max_target_tokens (or set it to null to score every position)")
+    raise ConfigError(f"a batch row has {most} answer tokens but max_target_tokens is {max_targets}; raise "
+                      "max_target_tokens (or set it to null to score every position)")
 
 
 def cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

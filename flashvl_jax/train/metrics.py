@@ -39,7 +39,8 @@ class MetricsLogger:
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
   def progress(self, step: int, metrics: Mapping[str, float]) -> None:
-    """Advances the bar to `step` (1-based count of finished steps) showing loss, lr, tokens/s and MFU."""
+    """Advances the bar to `step` (1-based count of finished steps) showing loss, lr, tokens/s, MFU and (when
+    any) the bad samples skipped."""
     if not self.enabled:
       return
     shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['learning_rate']:.2e}",
@@ -48,6 +49,8 @@ class MetricsLogger:
       shown["mfu"] = f"{metrics['mfu']:.1%}"
     else:
       shown["TFLOP/s/dev"] = f"{metrics['tflops_per_device']:.3f}"
+    if metrics.get("skipped"):
+      shown["skipped"] = f"{metrics['skipped']:.0f}"
     self.bar.set_postfix(shown, refresh=False)
     self.bar.update(step - self.bar.n)
     if self.bar.n >= self.bar.total:
@@ -75,6 +78,7 @@ class MetricsLogger:
       self.bar.close()
       self.tensorboard.close()
       self.jsonl.close()
+      self.enabled = False  # later calls (e.g. closing again after an error) do nothing
 
 
 class Throughput:

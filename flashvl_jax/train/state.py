@@ -5,6 +5,7 @@ checkpoints (Orbax, with the Grain iterator).
 from __future__ import annotations
 
 import pathlib
+import shutil
 from typing import Any, Iterator
 
 import flax
@@ -14,8 +15,10 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from flashvl_jax import integrity
 from flashvl_jax.sharding import replicated, state_shardings
 from flashvl_jax.train.config import CheckpointConfig
 from flashvl_jax.train.optimizer import trainable_filter
@@ -80,20 +83,25 @@ class Checkpointer:
   """Async Orbax checkpoints of the `TrainState` and the Grain iterator under `directory/<step>/`.
 
   Orbax writes each step into a temporary folder and renames it when complete, so a checkpoint cut off while
-  being written is never listed or restored.
+  being written is never listed or restored. Once a step is complete, process 0 writes its `checksums.json`
+  (`integrity`); `restore_newest` verifies it and falls back to older steps when the newest is damaged. The
+  directory is probed for writing at once, so a read-only or full disk fails before training starts.
   """
 
   def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+    self.directory = pathlib.Path(directory).absolute()
+    integrity.probe_writable(self.directory, "checkpoint directory")
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
                                            create=True)
-    self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, data_iterator: Iterator[Any]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    data=grain.checkpoint.CheckpointSave(data_iterator)))
+    self.wait()  # the previous save is complete (Orbax would wait for it too) and gets its checksums
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
+    integrity.storage_errors(lambda: self.manager.save(step, args=args), self.directory, "checkpoint directory")
 
   def restore(self, step: int, state: TrainState, shardings: TrainState, data_iterator: Iterator[Any]) -> TrainState:
     """The state saved at `step`, placed like `shardings`; `data_iterator` is moved to where it was."""
@@ -102,8 +110,51 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored.state
 
+  def restore_newest(self, state: TrainState, shardings: TrainState,
+                     data_iterator: Iterator[Any]) -> tuple[int, TrainState, list[str]]:
+    """(step, state, skipped): the newest checkpoint that verifies and restores. Damaged newer steps are renamed
+    `<step>.damaged` (kept for inspection, never listed again) and described in `skipped`."""
+    skipped = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = self.directory / str(step)
+      try:
+        if integrity.has_manifest(step_dir):  # none: cut off between Orbax's rename and the checksums
+          integrity.verify_manifest(step_dir)
+        restored = self.restore(step, state, shardings, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except  # a checksum mismatch, or Orbax failing to read it
+        skipped.append(f"step {step}: {str(e).splitlines()[0]}")
+        self._set_aside(step_dir)
+        continue
+      if skipped:
+        self.manager.reload()
+      return step, restored, skipped
+    raise integrity.CorruptCheckpointError(f"no checkpoint in {self.directory} can be restored: " + "; ".join(skipped)
+                                           + ". Start over with checkpoint.restart=true")
+
+  def _set_aside(self, step_dir: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+      step_dir.rename(step_dir.with_name(step_dir.name + ".damaged"))
+    multihost_utils.sync_global_devices(f"set aside {step_dir}")
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for an in-flight save, then seals every complete step that has no checksums yet."""
+    integrity.storage_errors(self.manager.wait_until_finished, self.directory, "checkpoint directory")
+    if jax.process_index() == 0:
+      for step in self.manager.all_steps():
+        if not integrity.has_manifest(self.directory / str(step)):
+          integrity.write_manifest(self.directory / str(step))
+
+  def abandon(self) -> None:
+    """After a failure: lets an in-flight save end (its error, e.g. a full disk, is dropped: the caller's error is
+    the one reported) and removes the temporary folders of unfinished saves."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if jax.process_index() == 0:
+      for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(partial, ignore_errors=True)
 
   def close(self) -> None:
+    self.wait()
     self.manager.close()

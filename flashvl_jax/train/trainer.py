@@ -16,26 +16,28 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from flashvl_jax import checkpoint
+from flashvl_jax import checkpoint, integrity
 from flashvl_jax.api import FlashVL
 from flashvl_jax.compilation_cache import enable_compilation_cache
-from flashvl_jax.config import to_dict
-from flashvl_jax.data.pipeline import make_dataset
-from flashvl_jax.data.sources import JsonSource
+from flashvl_jax.config import ConfigError, FlashVLConfig, to_dict
+from flashvl_jax.errors import PathExistsError
+from flashvl_jax.data.pipeline import SKIP_KINDS, SkipLimits, SkipStats, make_dataset
+from flashvl_jax.data.sources import DataError, JsonSource
 from flashvl_jax.data.synthetic import SyntheticPreferences, SyntheticVQA
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
-from flashvl_jax.preprocess.tokenizer import load_tokenizer
+from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
 from flashvl_jax.sampling import Sampler
 from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import flops
-from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
+from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig, check_data_paths
 from flashvl_jax.train.dpo import check_lora_only, dpo_objective
 from flashvl_jax.train.evaluation import generation_accuracy, show_answers
 from flashvl_jax.train.grpo import GRPOStep, grpo_objective, make_logps_fn
@@ -46,6 +48,7 @@ from flashvl_jax.train.optimizer import check_patterns, make_optimizer, make_sch
 from flashvl_jax.train.rewards import reward_fn
 from flashvl_jax.train.state import Checkpointer, TrainState, create_train_state
 from flashvl_jax.train.steps import Objective, evaluate, make_eval_step, make_train_step, sft_objective, to_global
+from flashvl_jax.weights.hf_io import param_shapes
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,14 +74,36 @@ def build_model(cfg: ModelConfig, mesh: Mesh, lora: LoraConfig | None = None) ->
     model_cfg = cfg.flashvl_config()
     model = create_sharded(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh)
   else:
+    saved_cfg = checkpoint.read_config(cfg.init)
+    model_cfg = cfg.flashvl_config(saved_cfg)  # computes in compute_dtype
+    check_same_shapes(saved_cfg, model_cfg, cfg.init)
     loaded, _ = checkpoint.load_model(cfg.init, dtype="float32", mesh=mesh)
-    model_cfg = cfg.flashvl_config(loaded.config)  # computes in compute_dtype, same parameters
     model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0)))),
                       nnx.state(loaded))
   if lora is not None:
     add_lora(model, lora)
   set_remat(model, cfg.remat)
   return model
+
+
+def check_same_shapes(saved: FlashVLConfig, wanted: FlashVLConfig, init: str) -> None:
+  """`model.overrides` on top of `model.init` may change settings (tiling, dtype, ...) but not parameter shapes."""
+  shapes = lambda c: param_shapes(nnx.eval_shape(lambda: FlashVLModel(c, rngs=nnx.Rngs(0))))
+  before, after = shapes(saved), shapes(wanted)
+  changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+  if changed:
+    shown = ", ".join(f"{k}: {before.get(k)} -> {after.get(k)}" for k in changed[:3])
+    raise ConfigError(f"model.overrides change the shapes of {len(changed)} parameters of the model.init checkpoint "
+                      f"{init} ({shown}{', ...' if len(changed) > 3 else ''}); with model.init, overrides may change "
+                      "settings such as tiling but not sizes: drop the size overrides or train from scratch "
+                      "(model.init=null)")
+
+
+def check_vocabulary(tokenizer: Tokenizer, model_cfg: FlashVLConfig) -> None:
+  if tokenizer.vocab_size > model_cfg.llm.vocab_size:
+    raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} token ids but the model's llm.vocab_size is "
+                      f"{model_cfg.llm.vocab_size}: ids past it have no embedding. Use the tokenizer the model was "
+                      "trained with, or a model whose vocabulary covers it")
 
 
 def make_objective(cfg: TrainConfig) -> Objective:
@@ -92,6 +117,7 @@ def make_objective(cfg: TrainConfig) -> Objective:
 @dataclasses.dataclass
 class Datasets:
   train: Any  # grain IterDataset of this process's batches, repeating
+  skipped: SkipStats  # bad training samples this process skipped
   eval: Any | None  # finite grain IterDataset, or None
   eval_batches: int  # batches every process reads per eval
   eval_batch_size: int  # per process
@@ -111,11 +137,18 @@ def build_data(cfg: TrainConfig, processor: Processor) -> Datasets:
     eval_src = JsonSource(d.eval_path, d.image_root) if d.eval_path else None
   processes = jax.process_count()
   if cfg.global_batch_size % processes:
-    raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by {processes} processes")
+    raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {processes} processes")
+  for name, src in (("data.path", train_src), ("data.eval_path", eval_src)):
+    if src is not None and len(src) < processes:
+      raise DataError(f"{name} {getattr(src, 'path', '')} holds {len(src)} records; every one of the {processes} "
+                      "processes needs at least one")
   common = dict(num_threads=d.num_threads, num_workers=d.num_workers, packing=d.packing,
-                bad_sample_policy=d.bad_sample_policy)
+                records="preference" if cfg.objective == "dpo" else "conversation",
+                bad_sample_policy=d.bad_sample_policy,
+                skip_limits=SkipLimits(max_consecutive=d.max_consecutive_skips, max_fraction=d.max_skip_fraction))
+  skipped = SkipStats()
   train = make_dataset(train_src, processor, batch_size=cfg.global_batch_size // processes, seed=d.seed,
-                       shuffle=d.shuffle, num_epochs=None, prefetch=d.prefetch, **common)
+                       shuffle=d.shuffle, num_epochs=None, prefetch=d.prefetch, skip_stats=skipped, **common)
   eval_ds, eval_batches, eval_batch = None, 0, 0
   if eval_src is not None:
     eval_batch = (cfg.eval.batch_size or cfg.global_batch_size) // processes
@@ -123,7 +156,7 @@ def build_data(cfg: TrainConfig, processor: Processor) -> Datasets:
                            drop_remainder=False, **common)
     eval_batches = math.ceil((len(eval_src) // processes) / eval_batch)  # the same count on every process
   records = eval_src if cfg.objective != "dpo" else None
-  return Datasets(train, eval_ds, eval_batches, eval_batch, len(train_src), records)
+  return Datasets(train, skipped, eval_ds, eval_batches, eval_batch, len(train_src), records)
 
 
 def trainable_components(params: nnx.State) -> dict[str, bool]:
@@ -137,16 +170,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   initialize_distributed(cfg.distributed)
   enable_compilation_cache(cfg.compilation_cache_dir)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+  check_data_paths(cfg.data)  # these two before minutes of model building
+  integrity.probe_writable(cfg.output_dir, "output directory")
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
   model = build_model(cfg.model, mesh, cfg.lora)
+  check_vocabulary(tokenizer, model.config)
   with jax.set_mesh(mesh):  # activation sharding constraints resolve against it
-    return _train(cfg, mesh, model, resume)
+    return _train(cfg, mesh, model, Processor(model.config, tokenizer, max_length=cfg.data.max_length), resume)
 
 
-def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Processor, resume: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   out = pathlib.Path(cfg.output_dir)
   check_patterns(model, cfg.optimizer.trainable)
-  processor = Processor(model.config, load_tokenizer(cfg.data.tokenizer), max_length=cfg.data.max_length)
   data = build_data(cfg, processor)
   total_steps = cfg.steps or cfg.epochs * data.train_size // cfg.global_batch_size
   schedule = make_schedule(cfg.optimizer, total_steps)
@@ -182,15 +218,18 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
   train_iter = iter(data.train)
   latest = checkpointer.latest_step()
   if latest is not None and not resume:
-    raise FileExistsError(f"{out / 'checkpoints'} already holds checkpoint step {latest}; pass --resume to "
+    raise PathExistsError(f"{out / 'checkpoints'} already holds checkpoint step {latest}; pass --resume to "
                           "continue it, checkpoint.restart=true to start over, or choose another output_dir")
+  skipped: list[str] = []
   if latest is not None:
-    state = checkpointer.restore(latest, state, shardings, train_iter)
+    latest, state, skipped = checkpointer.restore_newest(state, shardings, train_iter)
   start = int(state.step)
   if is_main:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
   logger = MetricsLogger(out, total_steps, start, enabled=is_main)
+  for reason in skipped:
+    logger.print(f"skipped damaged checkpoint {reason} (renamed to <step>.damaged)")
   if latest is not None:
     logger.print(f"resumed from checkpoint step {latest}")
 
@@ -201,29 +240,33 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
                                        lm_head_tokens=m["target_tokens"] if cfg.max_target_tokens else None),
       jax.device_count(), cfg.metrics.peak_flops_per_device or flops.peak_flops_per_device(jax.devices()[0].device_kind))
   metrics: dict[str, float] = {}
-  for step in range(start + 1, total_steps + 1):
-    local = next(train_iter)
-    if cfg.objective != "grpo":
-      for key in (k for k in local if k.endswith("loss_mask")):
-        check_max_targets(local[key], cfg.max_target_tokens)
-    state, metrics = run_step(state, local)
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-      checkpointer.wait()
-      logger.close()
-      raise NonFiniteLossError(
-          f"the loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; stopped without "
-          f"saving it. The last good checkpoint is step {checkpointer.latest_step()} in {out / 'checkpoints'} "
-          "(lower the learning rate and --resume)")
-    metrics.update(throughput(metrics))
-    logger.progress(step, metrics)
-    if step % cfg.metrics.log_every_steps == 0 or step == total_steps:
-      logger.write(step, metrics)
-    if eval_step is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-      logger.write(step, run_eval(state), prefix="eval")
-    if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-      checkpointer.save(step, state, train_iter)
-  checkpointer.wait()
-  checkpointer.close()
+  try:
+    for step in range(start + 1, total_steps + 1):
+      local = next(train_iter)
+      if cfg.objective != "grpo":
+        for key in (k for k in local if k.endswith("loss_mask")):
+          check_max_targets(local[key], cfg.max_target_tokens)
+      state, metrics = run_step(state, local)
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        checkpointer.wait()  # so that the message names the newest checkpoint
+        raise NonFiniteLossError(
+            f"the loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; stopped without "
+            f"saving it. The last good checkpoint is step {checkpointer.latest_step()} in {out / 'checkpoints'} "
+            "(lower the learning rate and --resume)")
+      metrics.update(throughput(metrics))
+      metrics.update(skip_metrics(data.skipped))
+      logger.progress(step, metrics)
+      if step % cfg.metrics.log_every_steps == 0 or step == total_steps:
+        logger.write(step, metrics)
+      if eval_step is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
+        logger.write(step, run_eval(state), prefix="eval")
+      if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+        checkpointer.save(step, state, train_iter)
+    checkpointer.close()
+  except BaseException:  # no half-written checkpoint left, and the progress bar ends before the error is printed
+    checkpointer.abandon()
+    logger.close()
+    raise
 
   module = nnx.merge(graphdef, state.params, state.frozen)
   if cfg.lora is not None:
@@ -244,9 +287,21 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, resume: bool) -> d
       logger.print(f"eval accuracy: {final.get('accuracy', final.get('answer_accuracy')):.2f}")
   if data.eval_records is not None and cfg.demo_questions and single:
     show_answers(model, data.eval_records, cfg.demo_questions, cfg.eval.max_new_tokens, logger.print)
+  if metrics.get("skipped"):
+    logger.print(f"skipped {metrics['skipped']:.0f} bad training samples: " + ", ".join(
+        f"{kind} {metrics['skipped_' + kind]:.0f}" for kind in SKIP_KINDS if metrics["skipped_" + kind]))
   logger.print(f"model checkpoint: {out / 'model'}")
   logger.close()
   return {"step": total_steps, "train": metrics, "eval": final or None, "model": model}
+
+
+def skip_metrics(stats: SkipStats) -> dict[str, float]:
+  """`skipped` and `skipped_<kind>`: bad training samples skipped so far (since the start or resume), summed over
+  processes (every process calls this at every step; the step has synchronised them already)."""
+  counts = np.asarray([stats.counts[kind] for kind in SKIP_KINDS], np.int64)
+  if jax.process_count() > 1:
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  return {"skipped": float(counts.sum()), **{f"skipped_{kind}": float(n) for kind, n in zip(SKIP_KINDS, counts)}}
 
 
 def host_metrics(state: TrainState, metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, float]]:

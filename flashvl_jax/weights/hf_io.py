@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from flashvl_jax.errors import UserError
 from flashvl_jax.sharding import state_shardings
 from flashvl_jax.weights.mapping import Table, WeightMappingError, run_import
 
@@ -19,7 +20,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(UserError, FileNotFoundError):
   """A checkpoint directory is missing or has no usable weights/config."""
 
 

@@ -18,11 +18,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from flashvl_jax.errors import UserError
+
 
 LAYER = "i"  # the template field that indexes stacked layers
 
 
-class WeightMappingError(ValueError):
+class WeightMappingError(UserError, ValueError):
   """A checkpoint does not match the model: the message lists every offending key."""
 
 
