@@ -96,6 +96,17 @@ class SamplingParams:
     return jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p)
 
 
+def sorted_and_filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(values, ids) [B, V]: the logits sorted descending, with those outside top-k (0 = off) and top-p (1 = off)
+  set to -inf (the top token always stays). `top_k` / `top_p` are scalars or [B, 1] (one per row)."""
+  values, ids = jax.lax.top_k(logits, logits.shape[-1])  # a full descending sort
+  rank = jnp.arange(logits.shape[-1])
+  values = jnp.where((rank < top_k) | (top_k == 0), values, -jnp.inf)
+  probs = jax.nn.softmax(values, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  return jnp.where((mass_before < top_p) | (top_p >= 1), values, -jnp.inf), ids
+
+
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
                   do_sample: bool) -> jax.Array:
   """Next tokens [B] int32 from fp32 logits [B, V]: argmax, or a draw after temperature, top-k and top-p.
@@ -106,12 +117,7 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def filtered(logits, rng):
-    values, ids = jax.lax.top_k(logits, logits.shape[-1])  # a full descending sort
-    rank = jnp.arange(logits.shape[-1])
-    values = jnp.where((rank < top_k) | (top_k == 0), values, -jnp.inf)
-    probs = jax.nn.softmax(values, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    values = jnp.where((mass_before < top_p) | (top_p >= 1), values, -jnp.inf)  # the top token always stays
+    values, ids = sorted_and_filtered(logits, top_k, top_p)
     choice = jax.random.categorical(rng, values, axis=-1)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
 
@@ -146,7 +152,7 @@ def _left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int) 
   return ids, mask
 
 
-def _stop_array(stop_ids: tuple[int, ...]) -> jax.Array:
+def stop_array(stop_ids: tuple[int, ...]) -> jax.Array:
   padded = np.full(max(STOP_SLOTS, len(stop_ids)), -1, np.int32)
   padded[:len(stop_ids)] = stop_ids
   return jnp.asarray(padded)
@@ -283,7 +289,7 @@ class Sampler:
     the variables `state` (default: the sampler's own)."""
     with self._use_mesh():
       return self._prefill(self.state if state is None else state, prompts.input_ids, prompts.attention_mask,
-                           prompts.pixel_values, prompts.image_patch_index, jax.random.key(seed), params.arrays(), _stop_array(stop_ids),
+                           prompts.pixel_values, prompts.image_patch_index, jax.random.key(seed), params.arrays(), stop_array(stop_ids),
                            decode_length=prompts.decode_length, do_sample=params.do_sample,
                            attention=self.resolve_attention(attention))
 
@@ -295,7 +301,7 @@ class Sampler:
       raise ValueError(f"limit {limit} exceeds the {carry.tokens.shape[1]} decode slots of this carry")
     with self._use_mesh():
       return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(),
-                          _stop_array(stop_ids), do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
+                          stop_array(stop_ids), do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
 
 
 def _trim(tokens: np.ndarray, stop_ids) -> list[int]:

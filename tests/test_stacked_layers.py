@@ -116,7 +116,7 @@ def test_decode_reads_the_stacked_weights_in_place(attention):
   sampler = sampling.Sampler(model)
   params = sampling.SamplingParams()
   carry = sampler.prefill(sampler.prepare(np.ones((1, 10), np.int32), max_new_tokens=8), params)
-  compiled = sampler._decode.lower(sampler.state, carry, jnp.int32(8), params.arrays(), sampling._stop_array((1,)),
+  compiled = sampler._decode.lower(sampler.state, carry, jnp.int32(8), params.arrays(), sampling.stop_array((1,)),
                                    do_sample=False, attention=attention).compile()
   stacked = [v for _, v in nnx.to_flat_state(nnx.state(model.llm.model.layers, nnx.Param))]
   shapes = sorted({hlo_shape(v.shape, v.dtype) for v in stacked})

@@ -33,6 +33,16 @@ KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}
 LayerCache = tuple[jax.Array, jax.Array]  # one layer's (k, v), each [B, S, K, hd]
 
 
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """`new` [B, T, K, hd] written into `cache` [B, S, K, hd] at slots [index, index + T): one index for every row
+  (a scalar), or one per row ([B], the continuous-batching engine's slots)."""
+  index = jnp.asarray(index, jnp.int32)
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(cache, new, (jnp.int32(0), index, jnp.int32(0), jnp.int32(0)))
+  row_update = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, jnp.int32(0), jnp.int32(0)))
+  return jax.vmap(row_update)(cache, new, index)
+
+
 class Qwen2Attention(AttentionModule):
   """GQA self-attention: q/k/v projections with bias, o_proj without; RoPE on q and k."""
 
@@ -60,8 +70,7 @@ class Qwen2Attention(AttentionModule):
     k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)
     v = split_heads(self.v_proj(x), self.num_kv_heads)
     if cache is not None:
-      start = (jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0), jnp.int32(0))
-      cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
+      cache = tuple(write_cache(c, new.astype(c.dtype), cache_index) for c, new in zip(cache, (k, v)))
       k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
     out = self.attend(q, k, v, scale=self.head_dim**-0.5, mask=mask)
     return self.o_proj(merge_heads(out)), cache
@@ -104,9 +113,11 @@ class Qwen2Model(LayerStack):
 
 def _attention_mask(q_len: int, kv_len: int, query_offset: jax.Array | int, attention_mask: jax.Array | None,
                     segment_ids: jax.Array | None) -> jax.Array:
-  """Boolean [B or 1, 1, T, S]: causal by slot index (`s <= offset + t`), key padding, same segment."""
-  q_slot = query_offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
-  mask = (jnp.arange(kv_len, dtype=jnp.int32)[None, :] <= q_slot)[None, None]
+  """Boolean [B or 1, 1, T, S]: causal by slot index (`s <= offset + t`; the offset a scalar or one per row),
+  key padding, same segment."""
+  offset = jnp.reshape(jnp.asarray(query_offset, jnp.int32), (-1, 1, 1))
+  q_slot = offset + jnp.arange(q_len, dtype=jnp.int32)[:, None]
+  mask = (jnp.arange(kv_len, dtype=jnp.int32)[None, None, :] <= q_slot)[:, None]
   if attention_mask is not None:
     mask = mask & attention_mask.astype(bool)[:, None, None, :]
   if segment_ids is not None:
@@ -164,8 +175,9 @@ class Qwen2ForCausalLM(nnx.Module):
     position_ids: [B, T]; default `arange(T)` (plus `cache_index` with a cache). With left padding pass
       `max(cumsum(mask) - 1, 0)`.
     segment_ids: [B, T] packed sequences (0 = padding); not combinable with a cache.
-    cache / cache_index: see the module docstring; `cache_index` may be a traced int32 scalar and
-      `cache_index + T` must not exceed the cache length (`dynamic_update_slice` would clamp the write).
+    cache / cache_index: see the module docstring; `cache_index` may be a traced int32 scalar, or [B] (each row
+      writes at its own slot), and `cache_index + T` must not exceed the cache length (`dynamic_update_slice`
+      would clamp the write).
     logits_at: [B, K] positions to compute logits at (default: all T); the logits are then [B, K, V]. Saves
       the LM head and its [B, T, V] output when only some positions are scored (training on answers).
     """
@@ -188,7 +200,7 @@ class Qwen2ForCausalLM(nnx.Module):
       raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must cover the {what} "
                        f"= {(b, kv_len)}")
     if position_ids is None:
-      position_ids = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+      position_ids = jnp.broadcast_to(jnp.reshape(offset, (-1, 1)) + jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = _attention_mask(t, kv_len, offset, attention_mask, segment_ids)
     cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
 

@@ -26,6 +26,7 @@ is never cut, and a prompt whose image block alone does not fit still raises.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping, Sequence
 
@@ -103,13 +104,19 @@ class Processor:
     keep[drop] = False
     return np.asarray(input_ids)[keep].tolist(), np.asarray(loss_mask)[keep].tolist()
 
-  def encode_example(self, image: ImageSource | None, messages: Messages, *,
-                     add_generation_prompt: bool = False) -> dict[str, np.ndarray]:
-    """One example's arrays, without the batch dimension; `image=None` for a text-only conversation."""
+  def encode_example(self, image: ImageSource | None, messages: Messages, *, add_generation_prompt: bool = False,
+                     max_tiles: int | None = None) -> dict[str, np.ndarray]:
+    """One example's arrays, without the batch dimension; `image=None` for a text-only conversation.
+
+    max_tiles: tile the image into at most this many tiles (fewer image tokens; the arrays keep their shapes).
+    """
     if image is None:
       plan, padded = None, self._empty_image()
     else:
-      plan = tiling.make_plan(load_image(image), self.config)
+      config = self.config
+      if max_tiles is not None and max_tiles < config.tiling.max_tiles:
+        config = dataclasses.replace(config, tiling=dataclasses.replace(config.tiling, max_tiles=max(max_tiles, 1)))
+      plan = tiling.make_plan(load_image(image), config)
       padded = tiling.pad_plan(plan, self.config)
     encoded = encode_conversation(self.tokenizer, messages, plan=plan, add_generation_prompt=add_generation_prompt,
                                   system_prompt=self.system_prompt, slice_marker_ids=self.slice_marker_ids,
