@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import sys
@@ -45,18 +43,15 @@ from flashvl_jax import sampling
 from flashvl_jax.api import FlashVL, default_dtype
 from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 from flashvl_jax.compilation_cache import enable_compilation_cache
-from flashvl_jax.config import FlashVLConfig, load_config
+from flashvl_jax.config import PRESETS_BY_SIZE, load_config
+from flashvl_jax.environment import environment
 from flashvl_jax.host_memory import peak_rss_gb
 from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.image import normalize
 from flashvl_jax.preprocess.processor import Processor
-from flashvl_jax.preprocess.tiling import max_image_tokens
+from flashvl_jax.testing.random_flashvl import save_reference, torch_reference
 from flashvl_jax.train.flops import peak_flops_per_device, vit_flops_per_tile
 
-PRESETS = {
-    "full": {"static": "flashvl-2b-static", "dynamic": "flashvl-2b-dynamic", "iss": "flashvl-2b-dynamic-iss"},
-    "tiny": {"static": "tiny-static", "dynamic": "tiny-dynamic", "iss": "tiny-iss"},
-}
 IMAGE_SIZE = 896
 # An MMMU-style question (MMMU prompts: a question, lettered options, "Answer with the option's letter ..."):
 # 151 tokens, 176 text tokens with the chat template.
@@ -73,47 +68,6 @@ QUESTION = (
 
 # ---------------------------------------------------------------------------------------------------------------
 # The PyTorch reference
-
-
-def torch_reference(cfg: FlashVLConfig, *, dtype: str = "float32", seed: int = 0, attn_implementation: str = "sdpa"):
-  """A `TorchFlashVL` of `cfg`'s shapes (HF vision tower, adapter, HF Qwen2), every parameter random."""
-  import torch
-  from transformers import Aimv2VisionConfig, Aimv2VisionModel, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig
-  from transformers import SiglipVisionModel
-
-  from flashvl_jax.testing.randomize import randomize_
-  from flashvl_jax.testing.torch_flashvl import TorchAdapter, TorchFlashVL
-  from flashvl_jax.weights import aimv2 as aimv2_weights
-  from flashvl_jax.weights import qwen2 as qwen2_weights
-  from flashvl_jax.weights import siglip as siglip_weights
-
-  if cfg.adapter.token_order != "row_major":
-    raise ValueError("the PyTorch reference shuffles tokens in InternVL's v2 (row_major) order only")
-  if cfg.vision.kind == "siglip":
-    vit = SiglipVisionModel(SiglipVisionConfig.from_dict(siglip_weights.hf_config_from(cfg.vision)))
-  else:
-    vit = Aimv2VisionModel(Aimv2VisionConfig.from_dict(aimv2_weights.hf_config_from(cfg.vision)))
-  llm = Qwen2ForCausalLM(Qwen2Config.from_dict(qwen2_weights.hf_config_from(cfg.llm)))
-  adp = TorchAdapter(cfg.vision.hidden_size, cfg.adapter.intermediate_size, cfg.llm.hidden_size, kind=cfg.adapter.kind)
-  ref = TorchFlashVL(vit, adp, llm, vision_feature=cfg.vision_feature)
-  randomize_(ref, seed)
-  for module in (vit, llm):
-    module.set_attn_implementation(attn_implementation)
-  return ref.to(getattr(torch, dtype)).eval()
-
-
-def save_reference(ref, cfg: FlashVLConfig, out_dir: str | os.PathLike) -> pathlib.Path:
-  """Writes `ref` as a released-layout Flash-VL checkpoint (`vit.*`, `adp.*`, `llm.*` + config.json)."""
-  from flashvl_jax.testing.torch_flashvl import save_released_layout
-
-  return save_released_layout(ref, out_dir, image_token_num=max_image_tokens(cfg))
-
-
-def write_random_checkpoint(preset: str | FlashVLConfig, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                            seed: int = 0) -> pathlib.Path:
-  """A random Flash-VL of a preset's shapes as a released-layout Hugging Face directory (needs torch)."""
-  cfg = load_config(preset)
-  return save_reference(torch_reference(cfg, dtype=dtype, seed=seed), cfg, out_dir)
 
 
 def torch_embed(ref, input_ids, pixel_values, image_patch_index):
@@ -329,24 +283,6 @@ def torch_vision(ref, tiles: np.ndarray, kind: str, dtype, device, repeats: int)
 # Driver
 
 
-def environment() -> dict[str, Any]:
-  import torch
-  import transformers
-  import flax
-
-  cpu = platform.processor()
-  if pathlib.Path("/proc/cpuinfo").is_file():
-    names = [line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-  device = jax.devices()[0]
-  return dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              jax_backend=jax.default_backend(), device=device.device_kind, device_count=jax.device_count(),
-              cpu=cpu, cpu_cores=os.cpu_count(), python=platform.python_version(), jax=jax.__version__,
-              flax=flax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-              torch_device="cuda" if torch.cuda.is_available() else "cpu")
-
-
 def run_variant(variant: str, preset: str, args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, Any]:
   import torch
 
@@ -443,7 +379,7 @@ def format_result(r: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = ArgumentParser(prog="python -m flashvl_jax.bench", description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--size", choices=tuple(PRESETS), default="tiny", help="model presets (default tiny)")
+  parser.add_argument("--size", choices=tuple(PRESETS_BY_SIZE), default="tiny", help="model presets (default tiny)")
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                       help="parameters and compute, both sides (auto: float32 on CPU, bfloat16 on GPU)")
   parser.add_argument("--variants", default="static,dynamic,iss", help="comma-separated: static, dynamic, iss")
@@ -463,9 +399,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   args.dtype = default_dtype() if args.dtype == "auto" else args.dtype
   args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-  unknown = set(args.variants) - set(PRESETS[args.size])
+  unknown = set(args.variants) - set(PRESETS_BY_SIZE[args.size])
   if unknown:
-    parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(PRESETS[args.size])}")
+    parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(PRESETS_BY_SIZE[args.size])}")
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
   if args.new_tokens < 2:
     parser.error("--new-tokens must be >= 2 (TPOT needs a decode step)")
@@ -477,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "--compile" in argv:  # the compile-time and memory benchmark (its own flags)
     from flashvl_jax import compile_bench
     return compile_bench.main([a for a in argv if a != "--compile"])
+  if "--serve" in argv:  # the server under concurrent clients (its own flags)
+    from flashvl_jax import serve_bench
+    return serve_bench.main([a for a in argv if a != "--serve"])
   # PyTorch shares the accelerator: JAX must not reserve most of its memory up front. Effective only when this
   # runs before JAX first touches a device (as under `python -m flashvl_jax.bench`).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -493,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
   results = []
   with tempfile.TemporaryDirectory(prefix="flashvl_bench_") as workdir:
     for variant in args.variants:
-      result = run_variant(variant, PRESETS[args.size][variant], args, pathlib.Path(workdir))
+      result = run_variant(variant, PRESETS_BY_SIZE[args.size][variant], args, pathlib.Path(workdir))
       print(format_result(result), flush=True)
       results.append(result)
   if args.json:

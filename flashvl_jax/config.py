@@ -173,6 +173,11 @@ class FlashVLConfig:
 
 
 T = TypeVar("T")
+# The model presets of each Flash-VL variant, at full size and as tiny test models (benchmarks pick from these).
+PRESETS_BY_SIZE = {
+    "full": {"static": "flashvl-2b-static", "dynamic": "flashvl-2b-dynamic", "iss": "flashvl-2b-dynamic-iss"},
+    "tiny": {"static": "tiny-static", "dynamic": "tiny-dynamic", "iss": "tiny-iss"},
+}
 
 
 def _suggest(key: str, options: Sequence[str]) -> str:

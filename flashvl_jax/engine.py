@@ -13,9 +13,11 @@ How it runs:
   power-of-two bucket, runs through the vision tower and the LLM into a scratch cache of the bucket's length;
   its first token is sampled and the scratch cache is copied into a free slot's first positions. The other
   slots are untouched.
-- Decode (one jit): `decode_steps` steps for all slots at once; each slot writes at its own cache position
-  (`Qwen2ForCausalLM` takes a per-row `cache_index`), attends to its own filled entries, samples with its own
-  settings and key, and stops at a stop id or its budget on the device. The host only reads the new tokens.
+- Decode (one jit per width): `decode_steps` steps for the first `width` slots at once (a power of two covering
+  every busy slot; requests take the lowest free slot, so at low load only a few slots run); each slot writes at
+  its own cache position (`Qwen2ForCausalLM` takes a per-row `cache_index`), attends to its own filled entries,
+  samples with its own settings and key, and stops at a stop id or its budget on the device. The host only
+  reads the new tokens.
 - The host loop admits queued requests into free slots, runs decode while any slot is busy, hands each request
   its tokens (`Request.on_tokens`) and frees a slot the moment its request finishes or is cancelled.
 Sampling settings and budgets are traced arrays, so any mix of them shares the compiled functions: after
@@ -43,7 +45,7 @@ from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.tiling import max_image_tokens, max_tiles
 from flashvl_jax.sampling import (DEFAULT_STOP_IDS, InvalidRequestError, Sampler, SamplingParams, bucket_length,
-                                  sorted_and_filtered, stop_array)
+                                  greedy_tokens, sorted_and_filtered, stop_array)
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class Slots:
 def sample_slots(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                  greedy: jax.Array) -> jax.Array:
   """Next tokens [S] from logits [S, V] with per-slot settings (as `sampling.sample_tokens` row by row)."""
-  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  argmax = greedy_tokens(logits)
 
   def draw(_):
     values, ids = sorted_and_filtered(logits / temperature[:, None], top_k[:, None], top_p[:, None])
@@ -134,7 +136,7 @@ class Engine:
     self.graphdef, self.state = sampler.graphdef, sampler.state
     self.trace_counts: collections.Counter[str] = collections.Counter()
     self._admit = jax.jit(self._admit_fn, donate_argnames=("slots",))
-    self._decode = jax.jit(self._decode_fn, donate_argnames=("slots",))
+    self._decode = jax.jit(self._decode_fn, static_argnames=("width",), donate_argnames=("slots",))
     self._slots = self._empty_slots()
     self._requests: list[Request | None] = [None] * slots
     self._queue: collections.deque[Request] = collections.deque()
@@ -188,9 +190,20 @@ class Engine:
                           greedy=put(slots.greedy, greedy), key=put(slots.key, key))
     return slots, first
 
-  def _decode_fn(self, state, slots: Slots, live, stop_ids) -> tuple[Slots, jax.Array, jax.Array]:
-    """`decode_steps` steps of every active slot; returns the slots, tokens [S, steps] and which are real."""
+  def _decode_fn(self, state, slots: Slots, live, stop_ids, *, width: int) -> tuple[Slots, jax.Array, jax.Array]:
+    """`decode_steps` steps of the first `width` slots (every busy slot is among them); returns the slots,
+    tokens [width, steps] and which of them are real."""
     self.trace_counts["decode"] += 1
+    if width == self.num_slots:
+      return self._decode_slots(state, slots, live, stop_ids)
+    # Fewer busy slots than the cache holds: run only the first `width` (the step cost grows with the slots).
+    # The cache arrays [L, S, ...] have the slots on axis 1, every other field on axis 0.
+    head = jax.tree.map(lambda x: x[:, :width] if x.ndim == 5 else x[:width], slots)
+    head, tokens, emitted = self._decode_slots(state, head, live[:width], stop_ids)
+    put_back = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
+    return jax.tree.map(put_back, slots, head), tokens, emitted
+
+  def _decode_slots(self, state, slots: Slots, live, stop_ids) -> tuple[Slots, jax.Array, jax.Array]:
     model = nnx.merge(self.graphdef, state)
     set_attention(model, self.decode_attention)
     positions = jnp.arange(self.max_seq_len, dtype=jnp.int32)[None]
@@ -224,6 +237,15 @@ class Engine:
       if bucket >= self.max_seq_len - 1:
         return buckets
       n = bucket + 1
+
+  def decode_widths(self) -> list[int]:
+    """The slot counts decode compiles for: powers of two below `slots`, and `slots`."""
+    widths = [1 << i for i in range(self.num_slots.bit_length()) if 1 << i < self.num_slots]
+    return widths + [self.num_slots]
+
+  def decode_width(self, used: int) -> int:
+    """The smallest compiled width covering the first `used` slots (requests take the lowest free slot)."""
+    return next(w for w in self.decode_widths() if w >= used)
 
   def check(self, request: Request) -> None:
     """Raises `InvalidRequestError` for a request that cannot run (before it is queued)."""
@@ -295,13 +317,14 @@ class Engine:
     live_slots = [r is not None for r in self._requests]
     if not any(live_slots):
       return bool(admitted)
+    width = self.decode_width(max(i for i, live in enumerate(live_slots) if live) + 1)
     with self._use_mesh():
       self._slots, tokens, emitted = self._decode(self.state, self._slots, jnp.asarray(live_slots),
-                                                  stop_array(self.stop_ids))
+                                                  stop_array(self.stop_ids), width=width)
     tokens, emitted = jax.device_get((tokens, emitted))
     self.steps += 1
     self.busy_slot_steps += sum(live_slots)
-    for slot in range(self.num_slots):
+    for slot in range(width):
       new = tokens[slot][emitted[slot]].tolist()
       if new:
         self._deliver(slot, new)
@@ -355,8 +378,10 @@ class Engine:
                           pixel_values=pixels if image else None, image_patch_index=index if image else None)
         self._requests[0] = request
         self._deliver(0, [self._admit_one(0, request)])
-    self._requests[0] = Request("warmup", np.ones((1,), np.int32), 2, lambda new, finished: None)
-    self.run_once()
+    for width in self.decode_widths():  # a request in the last slot of each width
+      self._requests = [None] * self.num_slots
+      self._requests[width - 1] = Request("warmup", np.ones((1,), np.int32), 2, lambda new, finished: None)
+      self.run_once()
     self._requests = [None] * self.num_slots
     self._slots = self._slots.replace(active=jnp.zeros((self.num_slots,), bool))
     return sum(self.trace_counts.values()) - before

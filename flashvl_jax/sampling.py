@@ -96,6 +96,15 @@ class SamplingParams:
     return jnp.float32(self.temperature), jnp.int32(self.top_k), jnp.float32(self.top_p)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+  """`argmax` over the last axis (the first index of the maximum), as int32. Written as a max and a min, which
+  XLA:CPU vectorises: 3-4x faster than its argmax over a 151,936-word vocabulary."""
+  best = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  vocab = logits.shape[-1]
+  return jnp.minimum(jnp.min(jnp.where(logits == best, index, vocab), axis=-1), vocab - 1)  # NaN rows: the last id
+
+
 def sorted_and_filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(values, ids) [B, V]: the logits sorted descending, with those outside top-k (0 = off) and top-p (1 = off)
   set to -inf (the top token always stays). `top_k` / `top_p` are scalars or [B, 1] (one per row)."""
@@ -114,7 +123,7 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
   The filters sort the vocabulary; with both off (top_k 0, top_p 1) the draw is straight from the logits.
   """
   if not do_sample:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy_tokens(logits)
 
   def filtered(logits, rng):
     values, ids = sorted_and_filtered(logits, top_k, top_p)

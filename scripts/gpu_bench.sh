@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared measurement of flashvl_jax on an accelerator (docs/benchmarks.md, "GPU"): bf16 parity against
 # PyTorch on the device, the generation bench (JAX vs transformers, same weights, same device) for the static and
-# ISS presets with decode at batch 1/8/32, the compile benchmark, and a few stage-2 train steps with tokens/s and
-# MFU. Every number is printed and written under OUT (default ./gpu_bench_out).
+# ISS presets with decode at batch 1/8/32, the compile benchmark, the server at 1/16/64 concurrent clients, and a
+# few stage-2 train steps with tokens/s and MFU. Every number is printed and written under OUT (default ./gpu_bench_out).
 #
 #   bash scripts/gpu_bench.sh            # full size (about 8 minutes on an H100 / H200)
 #   bash scripts/gpu_bench.sh --tiny     # tiny presets, any host (the test suite runs this on CPU)
@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 
 size=full; steps=6; batch=8; length=1024; preset=flashvl-2b-static; dtype=bfloat16
 bench_flags=(--batch-sizes 1,8,32 --new-tokens 64 --repeats 3)
+serve_flags=(--clients 1,16,64 --max-batch 64 --max-seq-len 2048 --new-tokens 64)
 if [[ "${1:-}" == "--tiny" ]]; then
   size=tiny; steps=2; batch=2; length=128; preset=tiny-static; dtype=float32
   bench_flags=(--batch-sizes 1,2 --new-tokens 8 --repeats 1)
+  serve_flags=(--clients 1,4 --requests-per-client 1 --baseline-requests 4 --max-batch 4 --max-seq-len 256 \
+               --new-tokens 8)
 elif [[ $# -gt 0 ]]; then
   echo "error: unknown argument $1 (use --tiny or nothing)" >&2
   exit 2
@@ -39,6 +42,10 @@ if [[ "$size" == full ]]; then
   python -m flashvl_jax.bench --compile --variants static --parts sampler --json "$out/compile.json" \
       | tee "$out/compile.txt"
 fi
+
+echo "== serving: the server under concurrent clients vs sequential generate, ${size} static, ${dtype}"
+python -m flashvl_jax.bench --serve --size "$size" --variant static --dtype "$dtype" "${serve_flags[@]}" \
+    --json "$out/serve.json" | tee "$out/serve.txt"
 
 echo "== stage-2 train steps (${preset}, random weights, synthetic data, ${batch} x ${length} tokens)"
 rm -rf "$out/train"

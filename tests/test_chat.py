@@ -15,10 +15,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from flashvl_jax import bench, chat
+from flashvl_jax import chat
 from flashvl_jax.api import FlashVL
 from flashvl_jax.config import load_config
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.testing.random_flashvl import write_random_checkpoint
 
 QUESTION = [{"role": "user", "content": "What is in the picture?"}]
 NEW = 12
@@ -58,7 +59,7 @@ def test_chat_answer_stream_and_stop_ids(model):
 def hf_checkpoint(tmp_path_factory):
   """A random tiny-static Flash-VL in the released Hugging Face layout, and an image file."""
   root = tmp_path_factory.mktemp("chat_cli")
-  bench.write_random_checkpoint("tiny-static", root / "hf")
+  write_random_checkpoint("tiny-static", root / "hf")
   picture().save(root / "picture.png")
   return root / "hf", root / "picture.png"
 

@@ -83,7 +83,7 @@ def test_gpu_script_runs_its_tiny_mode_on_cpu(tmp_path):
   done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "--tiny"], capture_output=True, text=True,
                         timeout=900, env={**os.environ, "OUT": str(tmp_path), "XLA_FLAGS": ""}, cwd=ROOT)  # one device
   assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
-  for name in ("environment.txt", "parity.txt", "bench.json", "train.txt"):
+  for name in ("environment.txt", "parity.txt", "bench.json", "serve.json", "train.txt"):
     assert (tmp_path / name).is_file(), name
   assert "PASS" in (tmp_path / "parity.txt").read_text()
   results = json.loads((tmp_path / "bench.json").read_text())["results"]

@@ -5,13 +5,13 @@ client that disconnects, no compilation after warm-up, SIGTERM. The tiny random 
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -20,8 +20,9 @@ import openai
 import pytest
 from PIL import Image
 
-from flashvl_jax import bench
+from flashvl_jax.testing.random_flashvl import write_random_checkpoint
 from flashvl_jax.api import FlashVL
+from flashvl_jax.serve.process import ServerProcess
 
 SEQ = 512
 SLOTS = 4
@@ -37,53 +38,24 @@ def data_url(image):
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Server:
-  """A server process; `lines` collects its stdout."""
-
-  def __init__(self, checkpoint, *args):
-    self.port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    cmd = [sys.executable, "-m", "flashvl_jax.serve", str(checkpoint), "--port", str(self.port), *args]
-    self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    self.lines, self.ready = [], threading.Event()
-    threading.Thread(target=self._read, daemon=True).start()
-    if not self.ready.wait(240):
-      self.proc.kill()
-      raise AssertionError("the server did not become ready:\n" + "".join(self.lines[-40:]))
-    self.url = f"http://127.0.0.1:{self.port}"
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self.lines.append(line)
-      if line.startswith("ready: "):
-        self.ready.set()
-
-  def metric(self, name):
-    text = httpx.get(self.url + "/metrics").text
-    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+def start_server(checkpoint, *args):
+  return ServerProcess(checkpoint, *args, env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, timeout=240)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   root = tmp_path_factory.mktemp("serve")
-  bench.write_random_checkpoint("tiny-iss", root / "hf")
+  write_random_checkpoint("tiny-iss", root / "hf")
   picture(1).save(root / "photo.png")
   return root
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-  server = Server(checkpoint / "hf", "--max-batch", str(SLOTS), "--max-seq-len", str(SEQ), "--allowed-image-dir",
+  server = start_server(checkpoint / "hf", "--max-batch", str(SLOTS), "--max-seq-len", str(SEQ), "--allowed-image-dir",
                   str(checkpoint), "--shutdown-timeout", "5")
   yield server
-  if server.proc.poll() is None:
-    server.proc.kill()
+  server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +189,8 @@ def test_the_server_keeps_serving_and_a_disconnected_stream_frees_its_slot(clien
 
 def test_no_compilation_after_warmup(server):
   warmup = int(re.search(r"compiled (\d+) functions", "".join(server.lines)).group(1))
-  assert warmup == 7 and server.metric("flashvl_compilations") == warmup  # 3 buckets x (text, image) + decode
+  # 3 prompt buckets x (text, image) + decode at 1, 2 and 4 slots
+  assert warmup == 9 and server.metric("flashvl_compilations") == warmup
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
@@ -234,7 +207,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(server):
 
 
 def test_queue_full_is_a_429_with_retry_after(checkpoint):
-  small = Server(checkpoint / "hf", "--max-batch", "1", "--max-seq-len", "256", "--max-queue", "1",
+  small = start_server(checkpoint / "hf", "--max-batch", "1", "--max-seq-len", "256", "--max-queue", "1",
                  "--decode-steps", "1")
   try:
     body = {"messages": user("hello"), "max_tokens": 200, "temperature": 0}
@@ -246,7 +219,7 @@ def test_queue_full_is_a_429_with_retry_after(checkpoint):
     rejected = next(r for r in replies if r.status_code == 429)
     assert rejected.headers["retry-after"] == "1" and "retry later" in rejected.json()["error"]["message"]
   finally:
-    small.proc.kill()
+    small.stop()
 
 
 def test_cli_errors(checkpoint, tmp_path):
@@ -262,3 +235,18 @@ def test_cli_errors(checkpoint, tmp_path):
     taken.listen()
     busy = run(checkpoint / "hf", "--port", taken.getsockname()[1])
   assert busy.returncode == 2 and "already in use" in busy.stderr
+
+
+def test_serve_benchmark_runs_in_one_command(tmp_path):
+  out = tmp_path / "serve.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  done = subprocess.run([sys.executable, "-m", "flashvl_jax.bench", "--serve", "--clients", "1,2",
+                         "--requests-per-client", "1", "--baseline-requests", "2", "--max-batch", "2",
+                         "--max-seq-len", "256", "--new-tokens", "4", "--json", str(out)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["sequential"]["tokens"] == 2 * 4 and [r["clients"] for r in result["server"]] == [1, 2]
+  for row in result["server"]:
+    assert row["tokens"] > 0 and row["speedup"] > 0 and row["ttft_p50_s"] > 0
+  assert "x sequential" in done.stdout and "server compilations" in done.stdout
