@@ -330,3 +330,12 @@ def test_full_size_iss_prefill_and_decode_shapes():
   out = jax.eval_shape(lambda state, carry: sampler._decode(  # pylint: disable=protected-access
       state, carry, jnp.int32(128), knobs, stop, do_sample=False, attention="looped"), sampler.state, carry)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), out) == jax.tree.map(lambda a: (a.shape, a.dtype), carry)
+
+
+@pytest.mark.parametrize("vocab", [151936, 160, 4099, 3 * 8192])
+def test_greedy_tokens_is_argmax_with_its_tie_rule(vocab):
+  rng = np.random.default_rng(vocab)
+  ties = rng.integers(0, 4, (6, vocab)).astype(np.float32)  # many equal maxima: the first one wins
+  smooth = rng.standard_normal((3, vocab)).astype(np.float32)
+  for logits in (ties, smooth):
+    assert (np.asarray(jax.jit(sampling.greedy_tokens)(logits)) == logits.argmax(-1)).all()
