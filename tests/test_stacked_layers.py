@@ -15,6 +15,7 @@ from flax import nnx
 from flashvl_jax import checkpoint, sampling
 from flashvl_jax.compile_bench import hlo_shape, stacked_weight_copies
 from flashvl_jax.config import LLMConfig, load_config
+from flashvl_jax.engine import Engine
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import rope_cos_sin
 from flashvl_jax.models.qwen2 import Qwen2ForCausalLM
@@ -63,7 +64,7 @@ def test_layer_slices_are_the_layers():
   graphdef, state = nnx.split(model.model.layers)
   for i in range(3):
     layer = nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
-    h, _ = layer(h, cos=cos, sin=sin, mask=mask)
+    h = layer(h, cos=cos, sin=sin, mask=mask)
   expected = model.logits_from_hidden(model.model.norm(h))
   np.testing.assert_allclose(np.asarray(model(ids)), np.asarray(expected), atol=1e-5)
 
@@ -145,3 +146,21 @@ def test_a_per_layer_format_1_checkpoint_is_refused_with_advice(tmp_path):
   (path / checkpoint.METADATA_FILE).write_text(json.dumps(meta))
   with pytest.raises(checkpoint.CheckpointError, match=r"format_version 1.*python -m convert hf SRC"):
     checkpoint.load_module(path)
+
+
+def test_decode_updates_the_kv_cache_in_place():
+  """The cache travels whole through the layer scan and each step writes one position of it: the compiled decode
+  loop (sampler) and engine step hold less than one cache in temporaries (rebuilt per step, they held ~1.75)."""
+  cfg = load_config("tiny-static", ["llm.num_hidden_layers=4", "llm.vocab_size=512"])
+  model = FlashVLModel(cfg, rngs=nnx.Rngs(0))
+  sampler = sampling.Sampler(model)
+  params = sampling.SamplingParams()
+  carry = sampler.prefill(sampler.prepare(np.ones((4, 10), np.int32), max_new_tokens=2000), params)
+  compiled = sampler._decode.lower(sampler.state, carry, jnp.int32(8), params.arrays(), sampling.stop_array((1,)),
+                                   do_sample=False, attention="xla").compile()
+  cache_bytes = sum(v.nbytes for v in carry.cache.values())
+  assert compiled.memory_analysis().temp_size_in_bytes < cache_bytes / 2
+  engine = Engine(model, slots=8, max_seq_len=2048, attention="xla")
+  compiled = engine._decode.lower(engine.state, engine._slots, jnp.ones((8,), bool), sampling.stop_array((1,)),
+                                  width=8).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < sum(v.nbytes for v in engine._slots.cache.values()) / 2

@@ -255,22 +255,29 @@ class LayerStack(nnx.Module):
   layers: nnx.Module
   remat_policy: str  # set to "none" by each subclass's __init__
 
-  def run_layers(self, h: jax.Array, per_layer: Any = None, **kwargs) -> tuple[jax.Array, Any]:
-    """Runs layer i = 0..L-1 as `layer_i(h, **kwargs)`, or `layer_i(h, per_layer[i], **kwargs)` when `per_layer`
-    (a pytree of [L, ...] arrays, e.g. a KV cache) is given. A layer returns `h` or `(h, out)`; the result is
-    (h, the outs stacked to [L, ...], or None)."""
+  def run_layers(self, h: jax.Array, carried: Any = None, **kwargs) -> tuple[jax.Array, Any]:
+    """Runs layer i = 0..L-1 as `h = layer_i(h, **kwargs)`, or as `h, carried = layer_i(h, carried,
+    layer_index=i, **kwargs)` when `carried` (a pytree of [L, ...] arrays: a KV cache) is given; returns
+    (h, carried or None).
+
+    `carried` travels whole in the scan's carry and layer i updates its own slice in place.
+    """
     graphdef, state = nnx.split(self.layers)
 
-    def body(h, xs):
-      layer_state, layer_input = xs
+    def body(carry, xs):
+      h, carried = carry
+      layer_state, index = xs
       layer = nnx.merge(graphdef, layer_state)
-      out = layer(h, **kwargs) if layer_input is None else layer(h, layer_input, **kwargs)
-      return out if isinstance(out, tuple) else (out, None)
+      if carried is None:
+        return (layer(h, **kwargs), None), None
+      return layer(h, carried, layer_index=index, **kwargs), None
 
     policy = remat_policy(self.remat_policy)
     if policy is not None:
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, h, (state, per_layer))
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    (h, carried), _ = jax.lax.scan(body, (h, carried), (state, jnp.arange(num_layers, dtype=jnp.int32)))
+    return h, carried
 
 
 def set_remat(model: nnx.Module, policy: str) -> None:

@@ -33,14 +33,14 @@ KVCache = dict[str, jax.Array]  # {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}
 LayerCache = tuple[jax.Array, jax.Array]  # one layer's (k, v), each [B, S, K, hd]
 
 
-def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """`new` [B, T, K, hd] written into `cache` [B, S, K, hd] at slots [index, index + T): one index for every row
-  (a scalar), or one per row ([B], the continuous-batching engine's slots)."""
-  index = jnp.asarray(index, jnp.int32)
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+  """`new` [B, T, K, hd] written into layer `layer` of `cache` [L, B, S, K, hd] at slots [index, index + T): one
+  index for every row (a scalar), or one per row ([B], the continuous-batching engine's slots). In place."""
+  index, zero = jnp.asarray(index, jnp.int32), jnp.int32(0)
   if index.ndim == 0:
-    return jax.lax.dynamic_update_slice(cache, new, (jnp.int32(0), index, jnp.int32(0), jnp.int32(0)))
-  row_update = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, jnp.int32(0), jnp.int32(0)))
-  return jax.vmap(row_update)(cache, new, index)
+    return jax.lax.dynamic_update_slice(cache, new[None], (layer, zero, index, zero, zero))
+  rows = jnp.arange(new.shape[0], dtype=jnp.int32)
+  return cache.at[layer, rows[:, None], index[:, None] + jnp.arange(new.shape[1], dtype=jnp.int32)[None]].set(new)
 
 
 class Qwen2Attention(AttentionModule):
@@ -59,7 +59,7 @@ class Qwen2Attention(AttentionModule):
     self.o_proj = linear(q_out, d, ("heads", "embed"), use_bias=False, **kw)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, *,
-               cache: LayerCache | None = None,
+               cache: LayerCache | None = None, layer_index: jax.Array | None = None,
                cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     """x [B, T, D] -> ([B, T, D], updated (k, v) or None).
 
@@ -70,8 +70,8 @@ class Qwen2Attention(AttentionModule):
     k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)
     v = split_heads(self.v_proj(x), self.num_kv_heads)
     if cache is not None:
-      cache = tuple(write_cache(c, new.astype(c.dtype), cache_index) for c, new in zip(cache, (k, v)))
-      k, v = cache[0].astype(q.dtype), cache[1].astype(q.dtype)
+      cache = tuple(write_cache(c, new.astype(c.dtype), layer_index, cache_index) for c, new in zip(cache, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, 0, keepdims=False).astype(q.dtype) for c in cache)
     out = self.attend(q, k, v, scale=self.head_dim**-0.5, mask=mask)
     return self.o_proj(merge_heads(out)), cache
 
@@ -87,11 +87,14 @@ class Qwen2DecoderLayer(nnx.Module):
     self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, h: jax.Array, cache: LayerCache | None = None, *, cos: jax.Array, sin: jax.Array,
-               mask: jax.Array, cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
-    attn_out, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache=cache, cache_index=cache_index)
+               mask: jax.Array, layer_index: jax.Array | None = None,
+               cache_index: jax.Array | None = None) -> jax.Array | tuple[jax.Array, LayerCache]:
+    attn_out, new_cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache=cache,
+                                         layer_index=layer_index, cache_index=cache_index)
     h = h + attn_out
     h = h + self.mlp(self.post_attention_layernorm(h))
-    return constrain(h, ("batch", "length", "act_embed")), cache
+    h = constrain(h, ("batch", "length", "act_embed"))
+    return h if cache is None else (h, new_cache)
 
 
 class Qwen2Model(LayerStack):
