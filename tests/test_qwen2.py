@@ -365,7 +365,7 @@ def test_sharded_matches_unsharded(ours):
 def test_full_size_parameter_count():
   model = nnx.eval_shape(lambda: Qwen2ForCausalLM(LLMConfig(), rngs=nnx.Rngs(0)))
   count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert count == 1_543_714_304  # Qwen2-1.5B / Qwen2.5-1.5B, tied (COMPONENTS.md §4.1)
+  assert count == 1_543_714_304  # Qwen2-1.5B / Qwen2.5-1.5B, tied (the model card's 1.54B)
 
 
 def test_tiny_config_matches_fixture():

@@ -1,6 +1,6 @@
 """Building blocks shared by the towers: dense layers with logical sharding, norms, attention, RoPE, MLPs.
 
-Exactness rules (see COMPONENTS.md §5): norms and softmax compute in fp32; RMSNorm casts back to the
+Exactness rules (what parity with transformers needs): norms and softmax compute in fp32; RMSNorm casts back to the
 input dtype *before* multiplying by its weight (HF order); RoPE angles are fp32 and cos/sin are cast to
 the activation dtype; GQA maps query head h to KV head h // group (HF `repeat_kv`).
 """

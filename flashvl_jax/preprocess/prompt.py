@@ -1,6 +1,6 @@
 """The Flash-VL chat prompt: Qwen chat template, image-token expansion, and the loss mask.
 
-Rendered conversation (FLASHVL_REFERENCE.md), one image at most, in the first user turn:
+Rendered conversation (the reference's Qwen chat template), one image at most, in the first user turn:
 
   <|im_start|>system\\n{system}<|im_end|>\\n
   <|im_start|>user\\n<image>\\n{question}<|im_end|>\\n

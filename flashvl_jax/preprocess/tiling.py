@@ -10,7 +10,7 @@ m = tiling.margin_patches * p pixels.
 - `iss` (Implicit Semantic Stitching): resized to (cols*(S-2m), rows*(S-2m)), framed by m black pixels,
   cut at stride S-2m. Each tile keeps its centre (g - 2*margin_patches)^2 patches; the kept cores are
   stitched into one patch grid, which is pixel-shuffled as a whole. Our reading of the paper
-  (FLASHVL_REFERENCE.md): with 448/14, margin 4 and a 2x2 grid this gives 576 tokens.
+  (docs/tiling.md): with 448/14, margin 4 and a 2x2 grid this gives 576 tokens.
 `dynamic`, `overlap` and `iss` optionally append a thumbnail (the whole image resized to SxS) when the
 grid has more than one tile. Tiles travel as uint8; the model normalises them.
 

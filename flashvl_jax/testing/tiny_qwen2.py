@@ -1,6 +1,6 @@
 """A tiny random Hugging Face Qwen2ForCausalLM written to disk: the reference for parity tests.
 
-Shapes follow the verification in COMPONENTS.md §6: hidden 64, 2 layers, 4 q / 2 kv heads (head_dim 16,
+Shapes: hidden 64, 2 layers, 4 q / 2 kv heads (head_dim 16,
 GQA group 2), MLP 96, vocab 160, rope_theta 1e6. Every parameter is re-randomised (`randomize_`).
 """
 
