@@ -59,26 +59,42 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parameter dtype (default: the sources', float32 if they differ)")
   assemble.add_argument("--seed", type=int, default=0, help="adapter initialisation seed")
 
-  for command in (hf, export, assemble):
+  random = sub.add_parser("random", help="a Flash-VL of a preset's shapes with random weights (to try the tools)")
+  random.add_argument("--preset", required=True, help="a model preset (e.g. tiny-static, flashvl-2b-static)")
+  random.add_argument("--out", required=True, help="destination directory (written atomically)")
+  random.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
+  random.add_argument("--seed", type=int, default=0)
+  random.add_argument("--hf", action="store_true", help="write the released Hugging Face layout, not Orbax")
+
+  for command in (hf, export, assemble, random):
     command.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at the destination")
     command.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-  for command in (hf, export, inspect, assemble):
+  for command in (hf, export, inspect, assemble, random):
     add_debug_flag(command)
   return parser
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
   if args.command == "hf":
     out = convert.convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=args.progress)
     print(f"wrote {out}")
     if args.verify:
-      print(f"verify: max abs difference to the PyTorch model: {verify(args.src, out):.3e}")
+      diff, allowed = verify(args.src, out)
+      verdict = "PASS" if diff <= allowed else "FAIL"
+      print(f"verify: max abs difference to the PyTorch model {diff:.3e}, tolerance {allowed:.3e} "
+            f"(1e-4 x the output scale): {verdict}")
+      if verdict == "FAIL":
+        return 1
   elif args.command == "export":
     out = convert.export_checkpoint(args.ckpt, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
                                     overwrite=args.overwrite, progress=args.progress)
     print(f"wrote {out}")
   elif args.command == "inspect":
     print(convert.inspect_path(args.src))
+  elif args.command == "random":
+    out = convert.write_random(args.preset, args.out, dtype=args.dtype, seed=args.seed, hf=args.hf,
+                               overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote {out} (random weights)")
   else:
     out = convert.assemble(args.vision, args.llm, args.out, preset=args.preset, tiling=args.tiling,
                            adapter_width=args.adapter_width, dtype=args.dtype, seed=args.seed,

@@ -71,7 +71,8 @@ def interactive(model: FlashVL, image, lines: TextIO, out: TextIO, **kwargs) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = ArgumentParser(prog="python -m flashvl_jax.chat", description=__doc__.split("\n\n")[0])
+  parser = ArgumentParser(prog="python -m flashvl_jax.chat", description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("checkpoint", help="an Orbax checkpoint written by `convert`, or a Hugging Face directory")
   parser.add_argument("question", nargs="?", help="answer this one question and exit (else: interactive)")
   parser.add_argument("--image", help="image file (default: text only)")
@@ -81,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--top-k", type=int, default=0)
   parser.add_argument("--top-p", type=float, default=1.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max-length", type=int, default=2048,
+                      help="prompt tokens (image tokens included) + new tokens allowed per conversation")
+  parser.add_argument("--truncate", action="store_true",
+                      help="drop the oldest text tokens of a conversation that outgrows --max-length (else: error)")
   parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                       help="compute dtype (auto: float32 on CPU, bfloat16 elsewhere)")
   parser.add_argument("--compilation-cache", metavar="DIR",
@@ -97,9 +102,14 @@ def run(args: argparse.Namespace) -> None:
   if args.max_new_tokens < 1:
     raise InvalidRequestError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   enable_compilation_cache(args.compilation_cache)
-  model = FlashVL.from_pretrained(args.checkpoint, dtype=default_dtype() if args.dtype == "auto" else args.dtype)
+  if args.max_length <= args.max_new_tokens:
+    raise InvalidRequestError(f"--max-length {args.max_length} leaves no room for a prompt next to "
+                              f"--max-new-tokens {args.max_new_tokens}")
+  # The prompt may use what the answer does not: its limit is max_length - max_new_tokens.
+  model = FlashVL.from_pretrained(args.checkpoint, dtype=default_dtype() if args.dtype == "auto" else args.dtype,
+                                  max_length=args.max_length - args.max_new_tokens, truncate=args.truncate)
   kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_length=args.max_length)
   if args.question is not None:
     _answer(model, image, [{"role": "user", "content": args.question}], sys.stdout, **kwargs)
   else:

@@ -159,7 +159,8 @@ def test_chat_cli_reports_user_errors(tmp_path, trained, capsys):
       ([model, "hi", "--do-sample", "--temperature", "0"], ["temperature must be > 0"]),
       ([model, "hi", "--top-p", "1.5"], ["top_p"]),
       ([model, "hi", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
-      ([model, "hi", "--max-new-tokens", "100000"], ["positions but the limit is"]),
+      ([model, "hi", "--max-new-tokens", "100000"], ["leaves no room for a prompt"]),
+      ([model, "why " * 100, "--max-length", "64", "--max-new-tokens", "4"], ["but max_length is 60"]),
   ]
   for args, fragments in cases:
     assert_user_error(capsys, chat_main(args), *fragments)

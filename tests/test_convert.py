@@ -232,12 +232,14 @@ def test_dtype_flag_casts_like_torch(sources, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["qwen2_tied", "aimv2_apple"])
-def test_verify_flag_prints_the_difference(name, sources, tmp_path, capsys):
+def test_verify_flag_prints_the_difference_and_a_verdict(name, sources, tmp_path, capsys, monkeypatch):
   assert run_cli("hf", sources[name][1], "--out", tmp_path / "ck", "--verify") == 0
   line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("verify:")][0]
-  diff = float(line.rsplit(" ", 1)[1])
-  print(line)
-  assert 0 < diff <= TOL
+  diff, allowed = (float(x) for x in re.findall(r"(?:difference to the PyTorch model|tolerance) (\S+?),? ", line))
+  assert 0 < diff <= TOL and line.endswith(": PASS") and diff <= allowed
+  monkeypatch.setattr("convert.verify.TOLERANCE", 0.0)  # the verdict can fail: exit 1
+  assert run_cli("hf", sources[name][1], "--out", tmp_path / "ck2", "--verify") == 1
+  assert capsys.readouterr().out.rstrip().endswith(": FAIL")
 
 
 def test_inspect(sources, converted, tmp_path, capsys):

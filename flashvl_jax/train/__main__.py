@@ -12,11 +12,13 @@ import os
 import sys
 
 from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
+from flashvl_jax.config import preset_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = ArgumentParser(prog="python -m flashvl_jax.train", description=__doc__.split("\n\n")[1],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog=f"configs (configs/train/): {', '.join(preset_names('train'))}")
   parser.add_argument("config", nargs="?", default="demo", help="configs/train/ name or YAML path (default: demo)")
   parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.peak_lr=1e-4")
   parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")

@@ -259,7 +259,9 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
       if step % cfg.metrics.log_every_steps == 0 or step == total_steps:
         logger.write(step, metrics)
       if eval_step is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total_steps:
-        logger.write(step, run_eval(state), prefix="eval")
+        periodic = run_eval(state)
+        logger.write(step, periodic, prefix="eval")
+        logger.print(f"step {step} eval " + ", ".join(f"{k}: {v:.4g}" for k, v in periodic.items()))
       if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
         checkpointer.save(step, state, train_iter)
     checkpointer.close()
