@@ -114,8 +114,7 @@ def sample_slots(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top
 class Engine:
   """Continuous batching over `slots` decode slots of `max_seq_len` positions (prompt + new tokens) each.
 
-  module: the model (its variables are split once; `set_state` swaps in others of the same structure, e.g. a
-    trainer's current parameters). stop_ids: ids that end a request (the tokenizer's `eos_ids`).
+  module: the model (its variables are split once). stop_ids: ids that end a request (the tokenizer's `eos_ids`).
   decode_steps: tokens each slot produces per decode call (the host sees new tokens this often).
   max_queue: requests waiting for a slot; `submit` beyond it raises `QueueFullError`.
   """
@@ -144,8 +143,6 @@ class Engine:
     self._lock = threading.Condition()
     self._thread: threading.Thread | None = None
     self._running = False
-    self.steps = 0  # decode calls so far, and the slots busy in them (for occupancy metrics)
-    self.busy_slot_steps = 0
 
   # ---- device functions ----------------------------------------------------------------------------------
 
@@ -322,8 +319,6 @@ class Engine:
       self._slots, tokens, emitted = self._decode(self.state, self._slots, jnp.asarray(live_slots),
                                                   stop_array(self.stop_ids), width=width)
     tokens, emitted = jax.device_get((tokens, emitted))
-    self.steps += 1
-    self.busy_slot_steps += sum(live_slots)
     for slot in range(width):
       new = tokens[slot][emitted[slot]].tolist()
       if new:
@@ -357,10 +352,6 @@ class Engine:
   @property
   def busy_slots(self) -> int:
     return sum(r is not None for r in self._requests)
-
-  def set_state(self, state: nnx.State) -> None:
-    """Generates with `state` (same structure as the module's variables) from the next admission on."""
-    self.state = state
 
   def warmup(self) -> int:
     """Compiles admission for every prompt bucket, with and without an image, and decode; returns the number of
