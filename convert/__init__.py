@@ -1,7 +1,7 @@
 """Checkpoint conversion: `python -m convert` (also `flashvl-convert`).
 
   hf SRC --out DST        Hugging Face safetensors (a component or a released Flash-VL) -> Orbax model checkpoint
-  export CKPT --out DIR   model checkpoint (or a training step directory) -> Hugging Face safetensors + config.json
+  export CKPT --out DIR   model checkpoint (or a training checkpoint step) -> Hugging Face safetensors + config.json
   inspect SRC             architecture, parameter count, dtypes, tensors and unmapped keys of either kind
   assemble --vision V --llm L --out DST   a new Flash-VL: vision + LLM checkpoints + a fresh adapter
   random --preset NAME --out DST   a Flash-VL of a preset's shapes with random weights (to try the tools)

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import convert
 from convert.verify import verify
+from flashvl_jax import checkpoint
 from flashvl_jax.cli import ArgumentParser, add_debug_flag, run_cli
 
 DTYPES = ("bfloat16", "float32", "float16")
@@ -34,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
   hf.add_argument("src", help="HF directory: model.safetensors or a sharded set with model.safetensors.index.json")
   hf.add_argument("--out", required=True, help="destination directory (written atomically)")
   hf.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the source's; float32 if mixed)")
+  hf.add_argument("--preset", help="a Flash-VL's model preset (e.g. flashvl-2b-dynamic-iss): its tiling")
+  hf.add_argument("--tiling", choices=TILING_MODES,
+                  help="a Flash-VL's tiling mode (default: the preset's, else inferred from the checkpoint)")
   hf.add_argument("--verify", action="store_true",
                   help="run the PyTorch model and ours on a probe input and print the max abs difference")
 
   export = sub.add_parser("export", help="model checkpoint -> Hugging Face safetensors + config.json")
-  export.add_argument("ckpt", help="a model checkpoint, or a training step directory holding model/")
+  export.add_argument("ckpt", help="a model checkpoint, or a training checkpoint step (<output_dir>/checkpoints/<step>)")
   export.add_argument("--out", required=True, help="destination directory (written atomically)")
   export.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default: as stored)")
   export.add_argument("--max-shard-size", type=parse_size, default="2GB",
@@ -76,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int | None:
   if args.command == "hf":
-    out = convert.convert_hf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=args.progress)
+    out = convert.convert_hf(args.src, args.out, dtype=args.dtype, preset=args.preset, tiling=args.tiling,
+                             overwrite=args.overwrite, progress=args.progress)
     print(f"wrote {out}")
+    cfg = checkpoint.read_config(out)
+    if hasattr(cfg, "tiling"):
+      how = "from --preset/--tiling" if args.preset or args.tiling else "inferred; --preset or --tiling to choose"
+      print(f"tiling: {cfg.tiling.mode} ({how})")
     if args.verify:
       diff, allowed = verify(args.src, out)
       verdict = "PASS" if diff <= allowed else "FAIL"

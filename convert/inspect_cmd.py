@@ -52,7 +52,8 @@ def inspect_hf(path: pathlib.Path) -> list[str]:
     found = hf.table.match_hf(k) if hf is not None else None
     if found is None:
       unmapped.append(k)
-    target = "UNMAPPED" if found is None else "dropped" if found[0].ours is None else "mapped"
+    carried = hf is not None and k in hf.carried_keys
+    target = "UNMAPPED" if found is None else "mapped" if found[0].ours is not None else "carried" if carried else "dropped"
     lines.append(f"  {k} {list(shapes[k])} {dtypes[k]} {target}")
   lines += _section("keys our tables do not map", unmapped)
   if hf is not None:
@@ -85,6 +86,8 @@ def inspect_checkpoint(path: pathlib.Path) -> list[str]:
   lines.append("tensors:")
   lines += [f"  {k} {list(shapes[k])} {dtypes[k]} -> {hf_keys.get(k, 'UNMAPPED')}" for k in sorted(shapes)]
   lines += _section("parameters our tables do not map", sorted(set(shapes) - set(hf_keys)))
+  lines += _section("carried source tensors (unused by the model, written back by export)",
+                    meta.get("carried_keys") or [])
   try:
     module = checkpoint.abstract_module(info.architecture, info.config, info.param_dtype)
     checkpoint.check_saved_params(info.path, module)
@@ -97,7 +100,7 @@ def inspect_checkpoint(path: pathlib.Path) -> list[str]:
 
 
 def inspect_path(path: str | pathlib.Path) -> str:
-  """A report on an HF directory or a model checkpoint (or training step directory): architecture, parameter
+  """A report on an HF directory or a model checkpoint: architecture, parameter
   count, dtypes, every tensor, and every key our tables do not map."""
   path = pathlib.Path(path)
   if not path.exists():

@@ -22,12 +22,14 @@ def _torch_reference(hf: checkpoint.HFCheckpoint):
   try:
     # pylint: disable=import-outside-toplevel
     import torch
+    import transformers
     from transformers import Aimv2VisionModel, Qwen2ForCausalLM, SiglipVisionModel
 
     from flashvl_jax.testing import tiny_vision, torch_flashvl
   except ImportError as e:
     raise MissingDependencyError(f"--verify runs the PyTorch model and needs torch and transformers ({e}); install "
-                                 "them with `pip install flashvl-jax[test]`") from None
+                                 "them with `pip install -e '.[reference]'` (docs/install.md: the CPU build of torch)") from None
+  transformers.utils.logging.disable_progress_bar()  # ours is the only progress shown
 
   path = str(hf.path)
   if hf.architecture == "flashvl":

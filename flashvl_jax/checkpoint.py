@@ -8,14 +8,16 @@ A model checkpoint is a directory:
   params/         an Orbax PyTree of every `nnx.Param`, nested like the module (`nnx.to_pure_dict`); per-layer
                   parameters are stacked: `llm.model.layers.mlp.up_proj.kernel` is [L, in, out]
   tokenizer.json, ...   tokenizer / processor files copied from the source, when it had them
+  carried.safetensors   source tensors our model does not use (a released Flash-VL's SigLIP head `vit.head.*`),
+                  kept as they were so that `convert export` writes every key of the source back
   checksums.json  size and CRC-32 of every other file (`integrity`), verified by every load and `convert inspect`
 
 `save_model` writes one from a live module (any mesh, any number of processes); `write_model` streams one in
 tensor by tensor (the Hugging Face converter). Both write into a temporary sibling `<dir>.incomplete` and rename
 it at the end, so an interrupted write never leaves a directory that loads. `load_model` / `load_module` restore
 straight into the shardings `sharding.RULES` give on a mesh, without first building the model on one device; they
-also accept a Hugging Face directory (converted on the fly) and a training step directory holding a `model/`
-checkpoint.
+also accept a Hugging Face directory (converted on the fly). A training checkpoint step is exported with
+`convert export` (`flashvl_jax.train.step_model`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 import yaml
 from flax import nnx
 from jax.experimental import multihost_utils
+from safetensors.numpy import load_file, save_file
 
 from flashvl_jax import integrity, sharding
 from flashvl_jax.config import FlashVLConfig, LLMConfig, TilingConfig, VisionConfig, from_dict, to_dict
@@ -56,7 +59,7 @@ FORMAT_VERSION = 2  # 2: per-layer parameters stacked on a leading layer axis (1
 METADATA_FILE = "metadata.json"
 CONFIG_FILE = "config.yaml"
 PARAMS_DIR = "params"
-MODEL_SUBDIR = "model"  # where a training step directory keeps its model checkpoint
+CARRIED_FILE = "carried.safetensors"
 STAGING_SUFFIX = ".incomplete"
 WRITER_FILE = ".writer.json"  # in a staging directory only: who is writing it
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
@@ -172,8 +175,23 @@ class HFCheckpoint:
     return [k for k in self.reader.keys() if (m := self.table.match_hf(k)) is not None and m[0].ours is not None]
 
   @property
-  def dropped_keys(self) -> list[str]:
+  def unused_keys(self) -> list[str]:
     return [k for k in self.reader.keys() if (m := self.table.match_hf(k)) is not None and m[0].ours is None]
+
+  @property
+  def carried_keys(self) -> list[str]:
+    """Unused tensors kept in `CARRIED_FILE` and written back by export: all of a released Flash-VL's. A
+    component's unused tensors (a SiglipModel's text tower) are dropped: it is exported as a vision model."""
+    return self.unused_keys if self.architecture == "flashvl" else []
+
+  @property
+  def dropped_keys(self) -> list[str]:
+    carried = set(self.carried_keys)
+    return [k for k in self.unused_keys if k not in carried]
+
+  def carried_tensors(self, dtype: str) -> dict[str, np.ndarray]:
+    """The carried tensors, floating-point ones cast to `dtype` (the checkpoint's parameter dtype)."""
+    return {k: cast_float(self.reader.get(k), dtype) for k in self.carried_keys}
 
   @property
   def source_dtype(self) -> str:
@@ -189,7 +207,7 @@ class HFCheckpoint:
   def metadata(self) -> dict[str, Any]:
     """What `metadata.json` records about this source (see `write_descriptors`)."""
     meta: dict[str, Any] = {"source": str(self.path), "source_dtype": self.source_dtype, "hf_layout": self.layout,
-                            "dropped_keys": self.dropped_keys}
+                            "dropped_keys": self.dropped_keys, "carried_keys": self.carried_keys}
     llm = self.config.llm if self.architecture == "flashvl" else self.config
     if isinstance(llm, LLMConfig):
       meta["tied"] = llm.tie_word_embeddings
@@ -338,9 +356,14 @@ def _dtype_name(arrays: Iterable[Any]) -> str:
   return names.pop() if len(names) == 1 else "float32"
 
 
+def cast_float(array: np.ndarray, dtype: str) -> np.ndarray:
+  return array.astype(dtype) if np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16" else array
+
+
 def write_descriptors(directory: pathlib.Path, architecture: str, config: Any, *, param_dtype: str, num_params: int,
-                      metadata: Mapping[str, Any] | None = None, files: Iterable[pathlib.Path] = ()) -> None:
-  """config.yaml, the copied `files`, checksums.json (over everything so far, params/ included), then
+                      metadata: Mapping[str, Any] | None = None, files: Iterable[pathlib.Path] = (),
+                      carried: Mapping[str, np.ndarray] | None = None) -> None:
+  """config.yaml, the copied `files`, the `carried` tensors (`CARRIED_FILE`), checksums.json (over everything so far, params/ included), then
   metadata.json (last: it marks the directory as a checkpoint).
 
   metadata.json always holds format, format_version, architecture, param_dtype and num_params; `metadata` adds
@@ -352,6 +375,9 @@ def write_descriptors(directory: pathlib.Path, architecture: str, config: Any, *
   (directory / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
   for f in files:
     shutil.copy2(f, directory / pathlib.Path(f).name)
+  if carried:
+    integrity.storage_errors(lambda: save_file(dict(carried), str(directory / CARRIED_FILE)), directory,
+                             "model checkpoint")
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": architecture,
           "param_dtype": param_dtype, "num_params": num_params, **(metadata or {})}
   integrity.write_manifest(directory, skip=(METADATA_FILE, WRITER_FILE))
@@ -365,14 +391,26 @@ def aux_files(directory: str | pathlib.Path) -> list[pathlib.Path]:
   return found + sorted(directory.glob("*.py"))
 
 
+def carried_of(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """The carried tensors of a model checkpoint, or of an HF directory, as stored ({} when there are none)."""
+  path = pathlib.Path(path)
+  if is_hf_directory(path):
+    hf = open_hf(path)
+    return {k: hf.reader.get(k) for k in hf.carried_keys}
+  carried = resolve_checkpoint(path) / CARRIED_FILE
+  return load_file(str(carried)) if carried.is_file() else {}
+
+
 def save_model(path: str | pathlib.Path, model: nnx.Module, *, metadata: Mapping[str, Any] | None = None,
-               files: Iterable[pathlib.Path] = (), overwrite: bool = False) -> pathlib.Path:
+               files: Iterable[pathlib.Path] = (), carried: Mapping[str, np.ndarray] | None = None,
+               overwrite: bool = False) -> pathlib.Path:
   """Writes `model` (FlashVLModel, a vision tower or Qwen2ForCausalLM) as a model checkpoint at `path`.
 
   The one way to write model parameters: `convert export` and `load_model` read what it writes. Parameters may
   be sharded over any mesh and processes (every process must call this); they are saved as they are (dtype
   included). `metadata` is merged into metadata.json (e.g. {"step": 1000} or a converted source's
-  `hf_layout`, so export writes the source's key layout back); `files` (e.g. `aux_files(source)`) are copied in.
+  `hf_layout`, so export writes the source's key layout back); `files` (e.g. `aux_files(source)`) are copied in;
+  `carried` (e.g. `carried_of(source)`) are the source's unused tensors, for export.
   """
   architecture = architecture_of(model)
   params = nnx.state(model, nnx.Param)
@@ -381,19 +419,22 @@ def save_model(path: str | pathlib.Path, model: nnx.Module, *, metadata: Mapping
     integrity.storage_errors(lambda: ocp.save(staging / PARAMS_DIR, nnx.to_pure_dict(params)), path,
                              "model checkpoint")
     write_descriptors(staging, architecture, module_config(model), param_dtype=_dtype_name(arrays),
-                      num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files)
+                      num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files,
+                      carried=carried)
   return pathlib.Path(path)
 
 
 def write_model(path: str | pathlib.Path, module: nnx.Module, tensors: Iterable[tuple[str, np.ndarray]], *,
                 metadata: Mapping[str, Any] | None = None, files: Iterable[pathlib.Path] = (),
-                overwrite: bool = False, progress: Any = None) -> pathlib.Path:
+                carried: Mapping[str, np.ndarray] | None = None, overwrite: bool = False,
+                progress: Any = None) -> pathlib.Path:
   """Writes a model checkpoint whose parameters arrive one tensor at a time, holding at most ~`CHUNK_BYTES`.
 
   module: the abstract module (`abstract_module`) the tensors fill; it gives the config, the nested keys and
     each parameter's dtype (tensors are cast to it).
   tensors: (dotted path, array) pairs, e.g. `mapping.run_import` over a safetensors reader; each parameter
     exactly once.
+  carried: source tensors the model does not use, kept for export (`CARRIED_FILE`).
   progress: a tqdm bar, advanced by each tensor's bytes.
   """
   expected = flat_params(module)
@@ -431,7 +472,8 @@ def write_model(path: str | pathlib.Path, module: nnx.Module, tensors: Iterable[
     integrity.storage_errors(lambda: ocp.partial.finalize(params_dir), path, "model checkpoint")
     arrays = [v for _, v in expected.values()]
     write_descriptors(staging, architecture_of(module), module_config(module), param_dtype=_dtype_name(arrays),
-                      num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files)
+                      num_params=sum(int(np.prod(a.shape)) for a in arrays), metadata=metadata, files=files,
+                      carried=carried)
   return pathlib.Path(path)
 
 
@@ -458,8 +500,7 @@ class CheckpointInfo:
 
 
 def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
-  """`path` itself (made absolute: Orbax needs that), or the model checkpoint of a training step directory
-  (`<step>/model`)."""
+  """`path` (made absolute: Orbax needs that), checked to be a complete model checkpoint."""
   path = pathlib.Path(path).absolute()
   if path.name.endswith(STAGING_SUFFIX) or (path / WRITER_FILE).exists():
     raise CheckpointError(f"{path} is an incomplete checkpoint (its write was interrupted); rerun the conversion "
@@ -471,15 +512,16 @@ def resolve_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
   if is_model_checkpoint(path):
     return path
-  if is_model_checkpoint(path / MODEL_SUBDIR):
-    return path / MODEL_SUBDIR
+  if (path / "state").is_dir() and (path.parent.parent / CONFIG_FILE).is_file():
+    raise CheckpointError(f"{path} is a training checkpoint step (optimizer state included), not a model "
+                          f"checkpoint: export it with `python -m convert export {path} --out DIR`, or use the run's "
+                          f"final model, {path.parent.parent / 'model'}")
   raise CheckpointError(f"{path} is not a model checkpoint: expected {METADATA_FILE} and {PARAMS_DIR}/ (written by "
-                        f"`python -m convert` or checkpoint.save_model), a training step directory holding "
-                        f"{MODEL_SUBDIR}/, or a Hugging Face directory with config.json")
+                        "`python -m convert` or checkpoint.save_model), or a Hugging Face directory with config.json")
 
 
 def read_info(path: str | pathlib.Path) -> CheckpointInfo:
-  """Metadata and config of a model checkpoint (or a training step directory holding one)."""
+  """Metadata and config of a model checkpoint."""
   path = resolve_checkpoint(path)
   try:
     meta = json.loads((path / METADATA_FILE).read_text())
@@ -514,7 +556,7 @@ def data_check(path: str | pathlib.Path) -> str:
 
 
 def read_config(path: str | pathlib.Path) -> Any:
-  """The config of a model checkpoint, training step directory or HF directory, without reading tensors."""
+  """The config of a model checkpoint or HF directory, without reading tensors."""
   return open_hf(path).config if is_hf_directory(pathlib.Path(path)) else read_info(path).config
 
 
@@ -604,7 +646,7 @@ def tokenizer_source(directory: str | pathlib.Path) -> str:
 
 def load_model(path: str | pathlib.Path, *, dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> tuple[FlashVLModel, str]:
-  """(FlashVLModel, tokenizer source) from a Flash-VL model checkpoint, training step directory or HF directory.
+  """(FlashVLModel, tokenizer source) from a Flash-VL model checkpoint or HF directory.
 
   See `load_module` for `dtype` and `mesh`; the tokenizer source is the checkpoint directory when it holds
   tokenizer files, else 'qwen2.5' (`preprocess.tokenizer.load_tokenizer` reads either).
@@ -614,7 +656,7 @@ def load_model(path: str | pathlib.Path, *, dtype: str | None = None,
 
 
 __all__ = [
-    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "check_loadable", "data_check",
-    "is_model_checkpoint", "load_model", "load_module", "open_hf", "read_config", "read_info", "resolve_checkpoint",
+    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "carried_of", "check_loadable",
+    "data_check", "is_model_checkpoint", "load_model", "load_module", "open_hf", "read_config", "read_info", "resolve_checkpoint",
     "save_model", "staged_directory", "tokenizer_source", "write_model"
 ]

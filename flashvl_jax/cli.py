@@ -16,6 +16,7 @@ import sys
 from typing import Callable
 
 from flashvl_jax.errors import UserError
+from flashvl_jax.platforms import skip_absent_tpu
 
 DEBUG_ENV = "FLASHVL_DEBUG"
 USAGE_ERROR = 2
@@ -51,7 +52,8 @@ def describe(error: BaseException) -> str:
 
 
 def run_cli(command: Callable[[], int | None], *, debug: bool = False) -> int:
-  """Runs `command` under the error contract; returns the exit status."""
+  """Runs `command` under the error contract (JAX not looking for an absent TPU); returns the exit status."""
+  skip_absent_tpu()
   debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
   try:
     return command() or 0

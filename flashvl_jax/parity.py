@@ -176,7 +176,8 @@ def check(args: argparse.Namespace) -> int:
   try:
     import torch  # noqa: F401
   except ImportError:
-    raise MissingDependencyError("python -m flashvl_jax.parity needs PyTorch: pip install -e '.[test]'") from None
+    raise MissingDependencyError("python -m flashvl_jax.parity needs PyTorch and transformers: pip install -e '.[reference]' "
+                                 "(docs/install.md: the CPU build of torch)") from None
   if args.out is None:
     with tempfile.TemporaryDirectory() as tmp:
       rows = run(pathlib.Path(tmp))

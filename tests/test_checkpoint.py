@@ -19,7 +19,10 @@ from convert.hf_to_orbax import convert_hf
 from flashvl_jax import checkpoint, sharding
 from flashvl_jax.api import FlashVL
 from flashvl_jax.config import FlashVLConfig
+from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2
+from flashvl_jax.train.config import load_train_config
+from flashvl_jax.train.trainer import train
 from flashvl_jax.testing.tiny_vision import build_tiny_siglip, random_pixels
 from flashvl_jax.testing.torch_flashvl import build_tiny_flashvl, save_released_layout
 from flashvl_jax.weights.hf_io import CheckpointError, SafetensorsReader, param_arrays
@@ -156,20 +159,32 @@ def test_relative_path_loads(tiny, monkeypatch):
     np.testing.assert_array_equal(np.asarray(value), np.asarray(expected[name]), err_msg=name)
 
 
-def test_training_step_directory_loads_and_exports(tiny, tmp_path):
-  """A trainer's step directory holds `model/` (save_model); load_model and export accept the step directory."""
-  _, hf_dir, ckpt = tiny
-  model, _ = checkpoint.load_model(ckpt)
-  step_dir = tmp_path / "run" / "checkpoints" / "100"
-  checkpoint.save_model(step_dir / checkpoint.MODEL_SUBDIR, model, metadata={
-      "step": 100, **{k: v for k, v in checkpoint.read_info(ckpt).metadata.items() if k in ("hf_layout", "hf_config")}})
-  restored, _ = checkpoint.load_model(step_dir)
-  assert param_arrays(restored).keys() == param_arrays(model).keys()
-  out = export_checkpoint(step_dir, tmp_path / "hf", progress=False)
-  original, exported = SafetensorsReader(hf_dir), SafetensorsReader(out)
-  assert exported.keys() == original.keys()
-  for key in original.keys():
-    np.testing.assert_array_equal(exported.get(key), original.get(key), err_msg=key)
+LORA = ["lora.rank=2", r"optimizer.trainable=['\.lora_(a|b)$']"]
+
+
+@pytest.mark.parametrize("overrides", [["model.frozen_dtype=bfloat16", r"optimizer.trainable=['adp\..*']"], LORA],
+                         ids=["frozen-bf16", "lora"])
+def test_a_training_step_exports_like_the_final_model(tmp_path, overrides):
+  """`convert export runs/x/checkpoints/N`: the step's parameters (frozen ones too, LoRA merged), the init's HF
+  layout and its carried tensors; a step is not a model checkpoint for the loaders, and says how to export it."""
+  cfg = load_train_config("tiny", [f"output_dir={tmp_path / 'run'}", "steps=2", "checkpoint.every_steps=2",
+                                   "eval.accuracy=false", "data.eval_size=8", f"model.init={tmp_path / 'init'}",
+                                   *overrides])
+  model = FlashVLModel(cfg.model.flashvl_config(), rngs=nnx.Rngs(3))
+  head = {"vit.head.probe": np.random.default_rng(0).standard_normal((1, 1, 32)).astype(np.float32)}
+  checkpoint.save_model(tmp_path / "init", model, carried=head)
+  train(cfg)
+  step = tmp_path / "run" / "checkpoints" / "2"
+  from_step = export_checkpoint(step, tmp_path / "from_step", progress=False)
+  final = export_checkpoint(tmp_path / "run" / "model", tmp_path / "final", progress=False)
+  a, b = SafetensorsReader(from_step), SafetensorsReader(final)
+  assert a.keys() == b.keys() and "vit.head.probe" in a.keys() and not any("lora" in k for k in a.keys())
+  for key in a.keys():
+    assert a.get(key).tobytes() == b.get(key).tobytes(), key
+  exported = a.get("vit.head.probe")  # in the export's dtype, like every other tensor (bfloat16 when all are frozen)
+  assert exported.tobytes() == head["vit.head.probe"].astype(exported.dtype).tobytes()
+  with pytest.raises(CheckpointError, match="training checkpoint step.*convert export"):
+    checkpoint.load_model(step)
 
 
 def test_tokenizer_source(tiny, tmp_path):

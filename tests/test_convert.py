@@ -69,12 +69,13 @@ def sources(tmp_path_factory):
   root = tmp_path_factory.mktemp("sources")
   qwen_tied = build_tiny_qwen2(root / "qwen2_tied", seed=21, config_style="v4")
   qwen_untied = build_tiny_qwen2(root / "qwen2_untied", seed=22, tied=False)
-  siglip_headless = tiny_vision.build_tiny_siglip(root / "siglip_headless", seed=26)
+  siglip_with_head = tiny_vision.build_tiny_siglip(root / "siglip_with_head", seed=26, use_head=True)
   aimv2 = tiny_vision.build_tiny_aimv2(root / "aimv2", seed=25)
   tiny_vision.write_apple_layout(aimv2, root / "aimv2_apple")
   bf16 = build_tiny_qwen2(root / "scratch", seed=28).to(torch.bfloat16)
   bf16.save_pretrained(root / "qwen2_bf16")
-  flashvl = build_tiny_flashvl(siglip_headless, qwen_tied, intermediate=40, seed=27)
+  # as released: the SigLIP pooling head is in the checkpoint (vit.head.*), unused by Flash-VL
+  flashvl = build_tiny_flashvl(siglip_with_head, qwen_tied, intermediate=40, seed=27)
   save_released_layout(flashvl, root / "flashvl", image_token_num=4)
   write_sharded(root / "flashvl", root / "flashvl_sharded")
   flashvl_apple = build_tiny_flashvl(aimv2, qwen_untied, intermediate=48, seed=29)
@@ -196,7 +197,9 @@ def test_flashvl_round_trip_is_bit_exact(name, sources, converted, tmp_path):
   ref, src = sources[name]
   args = ["--max-shard-size", "30KB"] if name == "flashvl_sharded" else []
   assert run_cli("export", converted[name], "--out", tmp_path / "hf", *args) == 0
-  exported_equals_source(src, tmp_path / "hf")
+  carried = checkpoint.read_info(converted[name]).metadata["carried_keys"]
+  assert bool(carried) == (name != "flashvl_apple") and all(k.startswith("vit.head.") for k in carried)
+  exported_equals_source(src, tmp_path / "hf")  # every key, the carried SigLIP head included
   files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
   assert (len(files) > 1) == (name == "flashvl_sharded") == (tmp_path / "hf" / INDEX_FILE).is_file()
   config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -1,6 +1,8 @@
 """A new user's first commands: random checkpoints to try the tools, help texts that list the choices, chat's
 length flags, and the periodic eval line of a training run."""
 
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -8,11 +10,12 @@ import pytest
 from flax import nnx
 
 from convert.__main__ import main as convert_main
-from flashvl_jax import checkpoint
+from flashvl_jax import checkpoint, platforms
 from flashvl_jax.api import FlashVL
 from flashvl_jax.chat import main as chat_main
 from flashvl_jax.config import load_config
 from flashvl_jax.models.flashvl import FlashVLModel
+from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2
 from flashvl_jax.train.__main__ import main as train_main
 
 
@@ -55,3 +58,40 @@ def test_periodic_evals_are_printed(tmp_path, capsys):
   printed = capsys.readouterr()
   line = next(l for l in (printed.out + printed.err).splitlines() if l.startswith("step 1 eval "))
   assert "loss: " in line and "answer_accuracy: " in line
+
+
+def test_no_libtpu_lines_without_a_tpu(tmp_path):
+  """The `tpu` extra (installed by the test command) must not make every tool print libtpu's start-up warnings."""
+  assert importlib.util.find_spec("libtpu"), "the test command installs the tpu extra: pip install -e '.[test,tpu]'"
+  assert not platforms.might_have_tpu(), "this test expects a machine without TPU chips"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  run = subprocess.run([sys.executable, "-m", "convert", "random", "--preset", "tiny-static", "--no-progress",
+                        "--out", str(tmp_path / "m")], capture_output=True, text=True, env=env)
+  assert run.returncode == 0 and run.stderr == "", run.stderr
+  probe = "import jax; from flashvl_jax import platforms; print(platforms.skip_absent_tpu(), jax.devices()[0].platform)"
+  assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                        env=env).stdout.split() == ["cpu", "cpu"]
+  explicit = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**env, "JAX_PLATFORMS": "cpu"})
+  assert explicit.stdout.split() == ["None", "cpu"]  # the user's JAX_PLATFORMS is obeyed, not replaced
+
+
+def test_convert_hf_tiling_is_chosen_or_announced(tmp_path, capsys):
+  """A released tiny-iss checkpoint has image_token_num != 576, so its tiling cannot be inferred as iss: the
+  inferred mode is printed, and --preset / --tiling choose it."""
+  hf = tmp_path / "hf"
+  assert convert_main(["random", "--preset", "tiny-iss", "--out", str(hf), "--hf", "--no-progress"]) == 0
+  capsys.readouterr()
+  assert convert_main(["hf", str(hf), "--out", str(tmp_path / "inferred"), "--no-progress"]) == 0
+  assert "tiling: dynamic (inferred; --preset or --tiling to choose)" in capsys.readouterr().out
+  assert convert_main(["hf", str(hf), "--out", str(tmp_path / "preset"), "--preset", "tiny-iss", "--no-progress"]) == 0
+  assert "tiling: iss (from --preset/--tiling)" in capsys.readouterr().out
+  assert checkpoint.read_config(tmp_path / "preset").tiling == load_config("tiny-iss").tiling
+  assert convert_main(["hf", str(hf), "--out", str(tmp_path / "mode"), "--tiling", "overlap", "--no-progress"]) == 0
+  assert checkpoint.read_config(tmp_path / "mode").tiling.mode == "overlap"
+  assert convert_main(["hf", str(hf), "--out", str(tmp_path / "x"), "--preset", "tiny-static"]) == 2
+  assert "does not have the shapes" in capsys.readouterr().err
+  qwen = tmp_path / "qwen"
+  build_tiny_qwen2(qwen, seed=0)
+  assert convert_main(["hf", str(qwen), "--out", str(tmp_path / "y"), "--tiling", "iss"]) == 2
+  assert "apply to a Flash-VL checkpoint" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
 from flashvl_jax.sampling import Sampler
 from flashvl_jax.sharding import create_sharded, make_mesh
-from flashvl_jax.train import flops
+from flashvl_jax.train import flops, step_model
 from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig, check_data_paths
 from flashvl_jax.train.dpo import check_lora_only, dpo_objective
 from flashvl_jax.train.evaluation import generation_accuracy, show_answers
@@ -227,6 +227,7 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
   if is_main:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    step_model.write_run_model_info(out, model_cfg, cfg.model.init)  # what exporting a step needs
   logger = MetricsLogger(out, total_steps, start, enabled=is_main)
   for reason in skipped:
     logger.print(f"skipped damaged checkpoint {reason} (renamed to <step>.damaged)")
@@ -273,7 +274,8 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
   module = nnx.merge(graphdef, state.params, state.frozen)
   if cfg.lora is not None:
     module = merge_lora(module)
-  checkpoint.save_model(out / "model", module, metadata={"step": total_steps, "run": cfg.name}, overwrite=True)
+  metadata = {**step_model.run_source(out), "step": total_steps, "run": cfg.name}  # the init's HF layout kept
+  checkpoint.save_model(out / "model", module, metadata=metadata, carried=step_model.run_carried(out), overwrite=True)
   model = FlashVL(module, processor, mesh)
   final = run_eval(state) if eval_step is not None else {}
   single = jax.process_count() == 1  # the sampler runs in one process
