@@ -54,6 +54,7 @@ def assemble(vision_path: str | pathlib.Path, llm_path: str | pathlib.Path, out:
   """Writes a Flash-VL model checkpoint at `out`: `vit` from `vision_path` (SigLIP or AIMv2, any layout; a SigLIP
   pooling head is dropped), `llm` from `llm_path` (Qwen2), `adp` initialised with `seed`. Tokenizer files come
   from the LLM directory, preprocessor_config.json from the vision one."""
+  checkpoint.check_destination(out, overwrite=overwrite)
   vision, llm = checkpoint.open_hf(vision_path), checkpoint.open_hf(llm_path)
   if vision.architecture not in ("siglip", "aimv2"):
     raise ConfigError(f"--vision {vision_path} holds a {vision.architecture!r} model; expected SigLIP or AIMv2")

@@ -135,6 +135,10 @@ def is_hf_export(path: pathlib.Path) -> bool:
   return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def check_export_destination(out: str | pathlib.Path, *, overwrite: bool = False) -> None:
+  checkpoint.check_destination(out, overwrite=overwrite, is_complete=is_hf_export, what="Hugging Face checkpoint")
+
+
 @dataclasses.dataclass
 class ExportSource:
   """What export reads: the checkpoint's description, its parameters' shapes, a reader of some of them (in a
@@ -179,6 +183,7 @@ def export_checkpoint(ckpt: str | pathlib.Path, out: str | pathlib.Path, *, dtyp
   dtype: tensor dtype to write (default: as stored). Holds one shard of tensors in memory (plus ~`CHUNK_BYTES` on
   their way from Orbax): lower `max_shard_bytes` to use less. A training step is restored into memory whole.
   """
+  check_export_destination(out, overwrite=overwrite)
   source = training_step_source(ckpt) if step_model.is_training_step(ckpt) else saved_source(ckpt)
   info, state = source.info, source.state
   dtype = dtype or info.param_dtype

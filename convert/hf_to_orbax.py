@@ -48,6 +48,7 @@ def convert_hf(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str |
   overlap, iss); without them it is inferred from the checkpoint (SigLIP: static; AIMv2: iss when
   `image_token_num` is 576, else dynamic). The checkpoint records it in config.yaml.
   """
+  checkpoint.check_destination(dst, overwrite=overwrite)
   hf = choose_tiling(checkpoint.open_hf(src), preset, tiling)
   dtype = dtype or hf.default_param_dtype
   module = checkpoint.abstract_module(hf.architecture, hf.config, dtype)

@@ -12,7 +12,7 @@ import tempfile
 
 from flax import nnx
 
-from convert.export import export_checkpoint
+from convert.export import check_export_destination, export_checkpoint
 from flashvl_jax import checkpoint
 from flashvl_jax.config import load_config
 from flashvl_jax.models.flashvl import FlashVLModel
@@ -21,6 +21,10 @@ from flashvl_jax.models.flashvl import FlashVLModel
 def write_random(preset: str, out: str | pathlib.Path, *, dtype: str = "float32", seed: int = 0, hf: bool = False,
                  overwrite: bool = False, progress: bool = True) -> pathlib.Path:
   """Writes a random Flash-VL of `preset` (a name in configs/models/ or a YAML path) to `out`."""
+  if hf:
+    check_export_destination(out, overwrite=overwrite)
+  else:
+    checkpoint.check_destination(out, overwrite=overwrite)
   cfg = load_config(preset, [f"param_dtype={dtype}", f"dtype={dtype}"])
   model = FlashVLModel(cfg, rngs=nnx.Rngs(seed))
   metadata = {"source": f"random weights (preset {preset}, seed {seed})"}

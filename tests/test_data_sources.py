@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flashvl_jax.data.sources import (ArrayRecordSource, BadSampleError, JsonSource, TfdsSource, parse_record,
-                                      write_array_record)
+from flashvl_jax.data.library_sources import TfdsSource
+from flashvl_jax.data.sources import ArrayRecordSource, BadSampleError, JsonSource, parse_record, write_array_record
 
 LLAVA = [
     {"id": "a", "image": "imgs/a.png",
@@ -116,4 +116,4 @@ def test_array_record_round_trip_keeps_image_bytes_inline(tmp_path):
 def test_tfds_source_without_tensorflow_datasets_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail, installed or not
   with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
-    TfdsSource("mnist", "train", to_record=dict)
+    TfdsSource("mnist", "train")

@@ -2,7 +2,9 @@
 length flags, and the periodic eval line of a training run."""
 
 import importlib.util
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -95,3 +97,26 @@ def test_convert_hf_tiling_is_chosen_or_announced(tmp_path, capsys):
   build_tiny_qwen2(qwen, seed=0)
   assert convert_main(["hf", str(qwen), "--out", str(tmp_path / "y"), "--tiling", "iss"]) == 2
   assert "apply to a Flash-VL checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("notebook", ["quickstart", "finetune"])
+def test_notebook_install_cell(notebook, tmp_path, monkeypatch):
+  """The first cell installs the package when it is missing: from the clone around the notebook, else from
+  FLASHVL_SOURCE, else it says what to set (the old cell installed `flashvl-jax` from the index, where it is not)."""
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cells = json.loads((repo / "notebooks" / f"{notebook}.ipynb").read_text())["cells"]
+  install = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+  find_spec, commands = importlib.util.find_spec, []
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flashvl_jax" else find_spec(name, *a))
+  monkeypatch.setattr(subprocess, "run", lambda command, check: commands.append(command))
+  monkeypatch.delenv("FLASHVL_SOURCE", raising=False)
+  monkeypatch.chdir(repo / "notebooks")
+  exec(install, {})  # pylint: disable=exec-used
+  assert commands[-1][1:5] == ["-m", "pip", "install", "-q"] and commands[-1][5] == str(repo)
+  monkeypatch.setenv("FLASHVL_SOURCE", "git+https://example.org/you/flashvl_jax")
+  exec(install, {})  # pylint: disable=exec-used
+  assert commands[-1][5] == "git+https://example.org/you/flashvl_jax"
+  monkeypatch.delenv("FLASHVL_SOURCE")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(RuntimeError, match="FLASHVL_SOURCE"):
+    exec(install, {})  # pylint: disable=exec-used

@@ -9,8 +9,8 @@ def test_quickstart_runs_on_a_tiny_checkpoint(tmp_path, run_notebook):
   outputs = {i: "".join(text(o) for o in cell.get("outputs", []))
              for i, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
   assert (tmp_path / "work" / "orbax" / "metadata.json").is_file()
-  assert "model.safetensors" in outputs[3] and "wrote" in outputs[5]
-  assert "static [CpuDevice(id=0)]" in outputs[7]
-  answers = [outputs[i].strip() for i in (9, 10)]
+  assert "model.safetensors" in outputs[4] and "wrote" in outputs[6]
+  assert "static [CpuDevice(id=0)]" in outputs[8]
+  answers = [outputs[i].strip() for i in (10, 11)]
   assert all(answers)  # a first answer and a follow-up, both non-empty
-  assert len(outputs[14].strip().splitlines()) == 2  # the batch: one sampled answer per row
+  assert len(outputs[15].strip().splitlines()) == 2  # the batch: one sampled answer per row

@@ -12,5 +12,5 @@ def test_finetune_notebook_runs_in_tiny_mode(tmp_path, run_notebook):
   assert steps[-1] == 8 and (run / "model" / "metadata.json").is_file()
   final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
   assert {"eval/loss", "eval/accuracy"} <= set(final)
-  chat_output = "".join(o.get("text", "") for o in notebook.cells[9].get("outputs", []))
+  chat_output = "".join(o.get("text", "") for o in notebook.cells[10].get("outputs", []))
   assert chat_output.count("-> ") == 3  # three questions answered

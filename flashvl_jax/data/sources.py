@@ -1,5 +1,5 @@
 """Random-access data sources (`len` and `[index]`, as `grain.MapDataset.source` takes): JSON/JSONL,
-ArrayRecord, TFDS.
+ArrayRecord, TFDS, parquet.
 
 Every source yields records in one of two shapes (extra keys are kept and ignored downstream):
 
@@ -12,22 +12,26 @@ parsed raises `BadSampleError` naming the sample; the pipeline skips or fails on
 
 Input formats accepted by `parse_record`: LLaVA conversations (`{"from": "human" | "gpt" | "system",
 "value": ...}`; an `<image>` marker in the text is kept and placed by `preprocess.prompt`), role/content
-messages, and preference records whose `prompt` is a conversation or a plain string.
+messages, and preference records whose `prompt` is a conversation or a plain string. Records stored under other
+field names (a question/answer pair, a `dialog` column) are read through a `fields.Fields` mapping.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
 import pathlib
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import msgpack
 import numpy as np
 from PIL import Image
 
-from flashvl_jax.errors import MissingDependencyError, MissingPathError, UserError
+from flashvl_jax.data.fields import Fields
+from flashvl_jax.config import ConfigError
+from flashvl_jax.errors import MissingPathError, UserError
 from flashvl_jax.preprocess.prompt import normalize_messages
 
 PathLike = str | os.PathLike
@@ -81,10 +85,14 @@ def _resolve_image(image: Any, image_root: pathlib.Path | None, sample_id: str) 
   return str(path if path.is_absolute() or image_root is None else image_root / path)
 
 
-def parse_record(raw: Any, *, default_id: str, image_root: PathLike | None = None) -> dict[str, Any]:
-  """Normalises one raw record (see the module docstring) to the conversation or preference shape."""
+def parse_record(raw: Any, *, default_id: str, image_root: PathLike | None = None,
+                 fields: Fields | None = None) -> dict[str, Any]:
+  """Normalises one raw record (see the module docstring) to the conversation or preference shape; `fields`
+  names the stored fields when they are not the default ones."""
   if not isinstance(raw, Mapping):
     raise BadSampleError(default_id, f"a record must be a JSON object, got {type(raw).__name__}")
+  if fields is not None:
+    raw = {**raw, **fields.to_record(raw)}
   sample_id = str(raw.get("id", default_id))
   root = pathlib.Path(image_root) if image_root is not None else None
   record = dict(raw, id=sample_id, image=_resolve_image(raw.get("image"), root, sample_id))
@@ -103,6 +111,21 @@ def parse_record(raw: Any, *, default_id: str, image_root: PathLike | None = Non
   return record
 
 
+def data_files(path: PathLike, pattern: str) -> list[pathlib.Path]:
+  """The files `path` names: one file, a directory's files matching `pattern` (recursively, sorted) or a glob."""
+  text = os.fspath(path)
+  if any(c in text for c in "*?["):
+    files = sorted(pathlib.Path(p) for p in glob.glob(text, recursive=True) if os.path.isfile(p))
+  elif os.path.isdir(text):
+    files = sorted(pathlib.Path(text).rglob(pattern))
+  else:
+    files = [pathlib.Path(text)] if os.path.isfile(text) else []
+  if not files:
+    raise MissingPathError(f"no data files at {text!r} (give a file, a directory holding {pattern} files or a "
+                           "glob pattern)")
+  return files
+
+
 def _line_offsets(path: pathlib.Path) -> np.ndarray:
   """Byte offsets of the non-blank lines of a file: [n, 2] (line start, line number)."""
   offsets, pos = [], 0
@@ -114,7 +137,38 @@ def _line_offsets(path: pathlib.Path) -> np.ndarray:
   return np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
-class JsonSource:
+class RecordSource:
+  """A random-access source of stored records: subclasses give `__len__` and `raw_record(index)` (the record as
+  stored, and the id it gets when it has none); `source[index]` parses it (`parse_record`)."""
+
+  image_root: pathlib.Path | None = None
+  fields: Fields | None = None  # None: the default field names, extra keys kept as they are
+
+  def raw_record(self, index: int) -> tuple[Any, str]:
+    raise NotImplementedError
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw, default_id = self.raw_record(index)
+    return parse_record(raw, default_id=default_id, image_root=self.image_root, fields=self.fields)
+
+  def check_fields(self, what: str) -> None:
+    """Raises ConfigError if the first record lacks a field the mapping names, so that a wrong mapping stops the
+    run at start instead of skipping every sample. `what` names the source in the message."""
+    if not len(self):
+      raise DataError(f"{what} holds no records")
+    try:
+      raw, _ = self.raw_record(0)
+    except BadSampleError:
+      return  # a bad first record is the bad-sample policy's business
+    if not isinstance(raw, Mapping):
+      return
+    missing = (self.fields or Fields()).missing(raw)
+    if missing:
+      raise ConfigError(f"{what}: the records have no field for {', '.join(missing)}; their fields are "
+                        f"{', '.join(map(repr, raw))} (set data.fields.* to name them)")
+
+
+class JsonSource(RecordSource):
   """Conversation or preference records from a `.json` list or a `.jsonl` file (one record per line).
 
   JSONL is indexed lazily: one pass records the byte offset of each line, and `source[i]` reads and
@@ -122,8 +176,9 @@ class JsonSource:
   resolved against `image_root` (default: the data file's folder).
   """
 
-  def __init__(self, path: PathLike, image_root: PathLike | None = None):
+  def __init__(self, path: PathLike, image_root: PathLike | None = None, fields: Fields | None = None):
     self.path = pathlib.Path(path)
+    self.fields = fields
     if not self.path.is_file():
       raise MissingPathError(f"data file {str(self.path)!r} does not exist")
     self.image_root = pathlib.Path(image_root) if image_root is not None else self.path.parent
@@ -145,7 +200,7 @@ class JsonSource:
   def __len__(self) -> int:
     return len(self._records) if self._records is not None else len(self._offsets)
 
-  def _raw(self, index: int) -> tuple[Any, str]:
+  def raw_record(self, index: int) -> tuple[Any, str]:
     if self._records is not None:
       return self._records[index], f"{self.path.name}[{index}]"
     start, lineno = self._offsets[index]
@@ -157,10 +212,6 @@ class JsonSource:
       return json.loads(line), default_id
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise BadSampleError(default_id, f"malformed JSON line ({e})") from None
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raw, default_id = self._raw(index)
-    return parse_record(raw, default_id=default_id, image_root=self.image_root)
 
   def __repr__(self) -> str:
     return f"JsonSource({str(self.path)!r}, {len(self)} records)"
@@ -193,59 +244,30 @@ def write_array_record(records: Iterable[Mapping[str, Any]], path: PathLike) -> 
   return count
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(RecordSource):
   """Records stored by `write_array_record` (msgpack maps, image bytes inline) in ArrayRecord files."""
 
-  def __init__(self, paths: PathLike | Sequence[PathLike], image_root: PathLike | None = None):
+  def __init__(self, paths: PathLike | Sequence[PathLike], image_root: PathLike | None = None,
+               fields: Fields | None = None):
     import grain
 
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
     if missing:
       raise MissingPathError(f"ArrayRecord files not found: {missing}")
-    self.image_root = image_root
+    self.image_root = pathlib.Path(image_root) if image_root is not None else None
+    self.fields = fields
     self._source = grain.sources.ArrayRecordDataSource([os.fspath(p) for p in paths])
 
   def __len__(self) -> int:
     return len(self._source)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def raw_record(self, index: int) -> tuple[Any, str]:
     default_id = f"record[{index}]"
     try:
-      raw = msgpack.unpackb(self._source[index], raw=False)
+      return msgpack.unpackb(self._source[index], raw=False), default_id
     except ValueError as e:  # every msgpack decoding error is a ValueError
       raise BadSampleError(default_id, f"record is not valid msgpack ({e})") from None
-    return parse_record(raw, default_id=default_id, image_root=self.image_root)
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({len(self)} records)"
-
-
-class TfdsSource:
-  """A TFDS dataset's random-access source (`tfds.data_sources.load`), records mapped by `to_record`.
-
-  `to_record(example) -> dict` turns a TFDS example into a conversation or preference record (raw,
-  as accepted by `parse_record`; image arrays or encoded bytes both work). `tensorflow-datasets` is an
-  optional dependency, imported only here.
-  """
-
-  def __init__(self, name: str, split: str, to_record: Callable[[dict[str, Any]], Mapping[str, Any]], *,
-               data_dir: PathLike | None = None):
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError:
-      raise MissingDependencyError("TfdsSource needs TensorFlow Datasets: pip install tensorflow-datasets "
-                        "(or convert the data to JSONL / ArrayRecord and use JsonSource / ArrayRecordSource)") from None
-    self._source = tfds.data_sources.load(name, split=split, data_dir=data_dir)
-    self._to_record = to_record
-    self.name = f"{name}/{split}"
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raw = dict(self._to_record(self._source[index]))
-    image = raw.get("image")
-    if isinstance(image, np.ndarray):
-      raw["image"] = Image.fromarray(image)
-    return parse_record(raw, default_id=f"{self.name}[{index}]")

@@ -15,6 +15,7 @@ from typing import Literal, Sequence
 
 from flashvl_jax.config import (ConfigError, FlashVLConfig, apply_overrides, bounded, from_dict, load_config,
                                 read_yaml)
+from flashvl_jax.data.fields import Fields
 from flashvl_jax.data.synthetic import SyntheticConfig
 from flashvl_jax.models.layers import REMAT_CHOICES
 
@@ -80,12 +81,18 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Training examples: the synthetic visual-question task, or a JSON/JSONL conversation file."""
+  """Training examples: the synthetic visual-question task, or stored conversation / preference records."""
 
-  source: Literal["synthetic", "json"] = "synthetic"
-  path: str | None = None  # json: the .json / .jsonl file
-  eval_path: str | None = None  # json: a held-out file for eval (none: no eval)
-  image_root: str | None = None  # json: folder that relative image paths start from (default: the file's)
+  source: Literal["synthetic", "json", "arrayrecord", "tfds", "parquet"] = "synthetic"
+  # json: a .json / .jsonl file; arrayrecord, parquet: a file, a directory of them or a glob; tfds: the dataset
+  # name (e.g. 'my_vqa' or 'my_vqa:1.0.0')
+  path: str | None = None
+  eval_path: str | None = None  # held-out records, like `path` (none: no eval); tfds: use eval_split
+  split: str = "train"  # tfds: the split to train on
+  eval_split: str | None = None  # tfds: the held-out split
+  tfds_data_dir: str | None = None  # tfds: where the prepared dataset is (default: TFDS's, ~/tensorflow_datasets)
+  image_root: str | None = None  # folder that relative image paths start from (json default: the file's)
+  fields: Fields = Fields()  # the records' field names, when they are not the default ones
   synthetic: SyntheticConfig = SyntheticConfig()
   train_size: int = bounded(100_000, ge=1)  # synthetic: training samples
   eval_size: int = bounded(256, ge=0)  # synthetic: held-out samples
@@ -104,8 +111,14 @@ class DataConfig:
   max_skip_fraction: float = bounded(0.5, gt=0, le=1)
 
   def __post_init__(self):
-    if self.source == "json" and not self.path:
-      raise ConfigError("data.path is required when data.source is 'json'")
+    if self.source != "synthetic" and not self.path:
+      what = "the TFDS dataset name" if self.source == "tfds" else "the data file(s)"
+      raise ConfigError(f"data.path ({what}) is required when data.source is {self.source!r}")
+    if self.source == "tfds" and self.eval_path:
+      raise ConfigError("data.eval_path is not used with data.source tfds: name the held-out split in "
+                        "data.eval_split")
+    if self.source != "tfds" and (self.eval_split or self.tfds_data_dir):
+      raise ConfigError(f"data.eval_split and data.tfds_data_dir are for data.source tfds, not {self.source!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,13 +299,3 @@ def load_train_config(name_or_path: str | pathlib.Path = "demo", overrides: Sequ
   cfg = from_dict(TrainConfig, data)
   cfg.model.flashvl_config()  # validate the model preset and its overrides now, not after data loading
   return cfg
-
-
-def check_data_paths(cfg: DataConfig) -> None:
-  """The data files a run reads exist (before the model is built, which can take minutes)."""
-  if cfg.source != "json":
-    return
-  for key, want_dir in (("path", False), ("eval_path", False), ("image_root", True)):
-    value = getattr(cfg, key)
-    if value is not None and not (pathlib.Path(value).is_dir() if want_dir else pathlib.Path(value).is_file()):
-      raise ConfigError(f"data.{key}: {value!r} is not an existing {'directory' if want_dir else 'file'}")

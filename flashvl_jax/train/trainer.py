@@ -28,8 +28,7 @@ from flashvl_jax.compilation_cache import enable_compilation_cache
 from flashvl_jax.config import ConfigError, FlashVLConfig, to_dict
 from flashvl_jax.errors import PathExistsError
 from flashvl_jax.data.pipeline import SKIP_KINDS, SkipLimits, SkipStats, make_dataset
-from flashvl_jax.data.sources import DataError, JsonSource
-from flashvl_jax.data.synthetic import SyntheticPreferences, SyntheticVQA
+from flashvl_jax.data.sources import DataError
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
@@ -37,7 +36,8 @@ from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
 from flashvl_jax.sampling import Sampler
 from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import flops, step_model
-from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig, check_data_paths
+from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
+from flashvl_jax.train.data_sources import Sources, open_sources
 from flashvl_jax.train.dpo import check_lora_only, dpo_objective
 from flashvl_jax.train.evaluation import generation_accuracy, show_answers
 from flashvl_jax.train.grpo import GRPOStep, grpo_objective, make_logps_fn
@@ -125,23 +125,17 @@ class Datasets:
   eval_records: Any | None  # the eval source, for generation (conversations)
 
 
-def build_data(cfg: TrainConfig, processor: Processor) -> Datasets:
+def build_data(cfg: TrainConfig, processor: Processor, sources: Sources) -> Datasets:
   """This process's train and eval pipelines; the global batch is split evenly over processes."""
   d = cfg.data
-  if d.source == "synthetic":
-    view = SyntheticPreferences if cfg.objective == "dpo" else lambda vqa: vqa
-    train_src = view(SyntheticVQA(d.train_size, "train", d.synthetic))
-    eval_src = view(SyntheticVQA(d.eval_size, "eval", d.synthetic)) if d.eval_size else None
-  else:  # conversations, or preference pairs for DPO (`data.sources` tells them apart)
-    train_src = JsonSource(d.path, d.image_root)
-    eval_src = JsonSource(d.eval_path, d.image_root) if d.eval_path else None
+  train_src, eval_src = sources.train, sources.eval
   processes = jax.process_count()
   if cfg.global_batch_size % processes:
     raise ConfigError(f"global_batch_size {cfg.global_batch_size} is not divisible by the {processes} processes")
-  for name, src in (("data.path", train_src), ("data.eval_path", eval_src)):
+  for name, src in (("data.path", train_src), ("held-out data", eval_src)):
     if src is not None and len(src) < processes:
-      raise DataError(f"{name} {getattr(src, 'path', '')} holds {len(src)} records; every one of the {processes} "
-                      "processes needs at least one")
+      raise DataError(f"{name} {src!r} holds {len(src)} records; every one of the {processes} processes needs "
+                      "at least one")
   common = dict(num_threads=d.num_threads, num_workers=d.num_workers, packing=d.packing,
                 records="preference" if cfg.objective == "dpo" else "conversation",
                 bad_sample_policy=d.bad_sample_policy,
@@ -170,20 +164,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   initialize_distributed(cfg.distributed)
   enable_compilation_cache(cfg.compilation_cache_dir)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-  check_data_paths(cfg.data)  # these two before minutes of model building
+  sources = open_sources(cfg.data, cfg.objective)  # these two before minutes of model building
   integrity.probe_writable(cfg.output_dir, "output directory")
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   model = build_model(cfg.model, mesh, cfg.lora)
   check_vocabulary(tokenizer, model.config)
+  processor = Processor(model.config, tokenizer, max_length=cfg.data.max_length)
   with jax.set_mesh(mesh):  # activation sharding constraints resolve against it
-    return _train(cfg, mesh, model, Processor(model.config, tokenizer, max_length=cfg.data.max_length), resume)
+    return _train(cfg, mesh, model, processor, sources, resume)
 
 
-def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Processor, resume: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Processor, sources: Sources,
+           resume: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   out = pathlib.Path(cfg.output_dir)
   check_patterns(model, cfg.optimizer.trainable)
-  data = build_data(cfg, processor)
+  data = build_data(cfg, processor, sources)
   total_steps = cfg.steps or cfg.epochs * data.train_size // cfg.global_batch_size
   schedule = make_schedule(cfg.optimizer, total_steps)
   tx = make_optimizer(cfg.optimizer, schedule)
