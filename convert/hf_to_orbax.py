@@ -56,5 +56,6 @@ def convert_hf(src: str | pathlib.Path, dst: str | pathlib.Path, *, dtype: str |
   steps = hf.table.plan_import(hf.reader.shapes(), param_shapes(module), what=f"checkpoint {src}")
   total = sum(v.dtype.itemsize * v.size for _, v in checkpoint.flat_params(module).values())
   with progress_bar(total, f"{hf.architecture} -> {pathlib.Path(dst).name}", progress) as bar:
-    return checkpoint.write_model(dst, module, run_import(steps, hf.reader.get, param_dtypes(module)), metadata=hf.metadata(),
-                                  files=checkpoint.aux_files(src), carried=carried, overwrite=overwrite, progress=bar)
+    tensors = run_import(steps, hf.reader.get, param_dtypes(module))
+    return checkpoint.write_model(dst, module, tensors, metadata=hf.metadata(), files=checkpoint.aux_files(src),
+                                  carried=carried, overwrite=overwrite, progress=bar)

@@ -369,8 +369,8 @@ def cast_float(array: np.ndarray, dtype: str) -> np.ndarray:
 def write_descriptors(directory: pathlib.Path, architecture: str, config: Any, *, param_dtype: str, num_params: int,
                       metadata: Mapping[str, Any] | None = None, files: Iterable[pathlib.Path] = (),
                       carried: Mapping[str, np.ndarray] | None = None) -> None:
-  """config.yaml, the copied `files`, the `carried` tensors (`CARRIED_FILE`), checksums.json (over everything so far, params/ included), then
-  metadata.json (last: it marks the directory as a checkpoint).
+  """config.yaml, the copied `files`, the `carried` tensors (`CARRIED_FILE`), checksums.json (over everything so
+  far, params/ included), then metadata.json (last: it marks the directory as a checkpoint).
 
   metadata.json always holds format, format_version, architecture, param_dtype and num_params; `metadata` adds
   e.g. source, source_dtype, hf_layout (`vision_layout`), tied, image_token_num, dropped_keys and hf_config (the
@@ -670,7 +670,7 @@ def load_model(path: str | pathlib.Path, *, dtype: str | None = None,
 
 
 __all__ = [
-    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "carried_of", "check_loadable",
-    "data_check", "is_model_checkpoint", "load_model", "load_module", "open_hf", "read_config", "read_info", "resolve_checkpoint",
-    "save_model", "staged_directory", "tokenizer_source", "write_model"
+    "ARCHITECTURES", "CheckpointInfo", "HFCheckpoint", "abstract_module", "aux_files", "carried_of", "check_destination",
+    "check_loadable", "data_check", "is_model_checkpoint", "load_model", "load_module", "open_hf", "read_config",
+    "read_info", "resolve_checkpoint", "save_model", "staged_directory", "tokenizer_source", "write_model"
 ]

@@ -36,6 +36,7 @@ EDITS = {
     "python -m flashvl_jax.train": ["steps=2", "data.eval_size=8", "checkpoint.restart=true"],  # the demo
     "python -m flashvl_jax.bench --size full": ["--size", "tiny", "--variants", "static", "--new-tokens", "2",
                                                "--repeats", "1", "--batch-sizes", "2"],
+    "python -m flashvl_jax.eval": ["--max-new-tokens", "2", "--max-seq-len", "512", "--no-progress"],
     "python -m flashvl_jax.bench --compile": ["--size", "tiny", "--variants", "static", "--depths", "1"],
     "python -m flashvl_jax.bench --serve": ["--clients", "1,2", "--requests-per-client", "1", "--baseline-requests",
                                            "1", "--new-tokens", "2", "--max-seq-len", "512"],

@@ -122,7 +122,7 @@ def test_config_rejects_unknown_keys_by_name():
     load_train_config("tiny", ["optimizer.peak_l=1"])
   with pytest.raises(ConfigError, match=r"unknown config key 'llm\.hiden_size'"):
     load_train_config("tiny", ["model.overrides=[llm.hiden_size=8]"])
-  with pytest.raises(ConfigError, match="data.path is required"):
+  with pytest.raises(ConfigError, match=r"data.path \(the data file\(s\)\) is required when data.source is .json."):
     load_train_config("stage2_full")
 
 

@@ -2,8 +2,8 @@
 
 Every checkpoint the docs use and do not make themselves exists here as a tiny random stand-in of the same kind
 (a released Flash-VL, SigLIP, AIMv2, Qwen2, an Orbax Flash-VL), every data file as a few LLaVA-style records with
-images (question/answer rows as parquet shards in `vqa/` and as the TFDS dataset `my_vqa`), and `cat.jpg` /
-`cat.png` as a generated picture.
+images (question/answer rows as parquet shards in `vqa/` and as the TFDS dataset `my_vqa`), every benchmark file
+as a few generated items, and `cat.jpg` / `cat.png` as a generated picture.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from convert.random_cmd import write_random
+from flashvl_jax.testing.benchmark_files import write_choice_tsv, write_ocr_tsv
 from flashvl_jax.testing.stored_datasets import qa_rows, write_parquet, write_tfds
 from flashvl_jax.testing.tiny_qwen2 import build_tiny_qwen2, tiny_qwen2_config
 from flashvl_jax.testing.tiny_vision import build_tiny_aimv2, build_tiny_siglip
@@ -69,4 +70,7 @@ def build_docs_workdir(root: str | pathlib.Path) -> pathlib.Path:
   rows = qa_rows(8)
   write_parquet(rows, root / "vqa")
   write_tfds({"train": rows, "test": qa_rows(4, split="eval")}, root / TFDS_DATA_DIR, name="my_vqa")
+  for name in ("MMBench_DEV_EN.tsv", "AI2D_TEST.tsv"):
+    write_choice_tsv(root / name, count=4)
+  write_ocr_tsv(root / "OCRBench.tsv", count=2)
   return root
