@@ -48,7 +48,7 @@ def data_files(tmp_path):
 TRAIN_CASES = {
     # case: (arguments after `tiny output_dir=...`, fragments of the error line); {d}: the data_files folder
     "missing_data_file": (["data.source=json", "data.path={d}/missing.jsonl"], ["data.path", "missing.jsonl"]),
-    "empty_data_file": (["data.source=json", "data.path={d}/empty.jsonl"], ["data.path", "holds 0 records"]),
+    "empty_data_file": (["data.source=json", "data.path={d}/empty.jsonl"], ["data.path", "holds no records"]),
     "bad_regex": (["optimizer.trainable=['(']"], ["optimizer.trainable", "not a valid regular expression"]),
     "bad_lora_regex": (["lora.targets=['[']"], ["lora.targets", "not a valid regular expression"]),
     "mesh_does_not_fit": (["mesh.data=3"], ["mesh data=3", "8 devices", "mesh.data"]),

@@ -158,4 +158,4 @@ def test_train_command_names_a_missing_tfds_split(stored, tmp_path):
   result = _train_cli(tmp_path, "data.source=tfds", "data.path=tiny_vqa", f"data.tfds_data_dir={root / 'tfds'}",
                       "data.split=validation")
   assert result.returncode == 2 and "Traceback" not in result.stderr
-  assert "error: TFDS dataset 'tiny_vqa' split 'validation' cannot be opened" in result.stderr
+  assert "error: data.path: TFDS dataset 'tiny_vqa' split 'validation' cannot be opened" in result.stderr

@@ -7,8 +7,9 @@ import dataclasses
 from typing import Any
 
 from flashvl_jax.data.library_sources import ParquetSource, TfdsSource
-from flashvl_jax.data.sources import ArrayRecordSource, JsonSource, data_files
+from flashvl_jax.data.sources import ArrayRecordSource, DataError, JsonSource, data_files
 from flashvl_jax.data.synthetic import SyntheticPreferences, SyntheticVQA
+from flashvl_jax.errors import MissingPathError
 from flashvl_jax.train.config import DataConfig
 
 
@@ -18,7 +19,15 @@ class Sources:
   eval: Any | None
 
 
-def _open(d: DataConfig, path: str, split: str) -> Any:
+def _open(d: DataConfig, key: str, path: str, split: str) -> Any:
+  """The source at `path`; an error names the config key it came from (`key`)."""
+  try:
+    return _source(d, path, split)
+  except (MissingPathError, DataError) as e:
+    raise type(e)(f"{key}: {e}") from None
+
+
+def _source(d: DataConfig, path: str, split: str) -> Any:
   if d.source == "json":
     return JsonSource(path, d.image_root, d.fields)
   if d.source == "arrayrecord":
@@ -34,11 +43,12 @@ def open_sources(d: DataConfig, objective: str) -> Sources:
     view = SyntheticPreferences if objective == "dpo" else lambda vqa: vqa
     return Sources(view(SyntheticVQA(d.train_size, "train", d.synthetic)),
                    view(SyntheticVQA(d.eval_size, "eval", d.synthetic)) if d.eval_size else None)
-  train = _open(d, d.path, d.split)
+  train = _open(d, "data.path", d.path, d.split)
   train.check_fields(f"data.path {d.path}")
   held_out = d.eval_split if d.source == "tfds" else d.eval_path
   evaluation = None
   if held_out:
-    evaluation = _open(d, d.path if d.source == "tfds" else held_out, held_out)
-    evaluation.check_fields(f"data.eval_split {held_out}" if d.source == "tfds" else f"data.eval_path {held_out}")
+    key = "data.eval_split" if d.source == "tfds" else "data.eval_path"
+    evaluation = _open(d, key, d.path if d.source == "tfds" else held_out, held_out)
+    evaluation.check_fields(f"{key} {held_out}")
   return Sources(train, evaluation)
