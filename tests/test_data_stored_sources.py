@@ -46,6 +46,7 @@ def test_fields_map_other_names_to_conversations():
                                                                       {"role": "assistant", "content": "Red"}]}
   turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
   assert Fields(messages="dialog").to_record({"dialog": json.dumps(turns)})["conversations"] == turns
+  assert Fields().to_record({"prompt": "[1, 2] sums to?"})["prompt"] == "[1, 2] sums to?"
   assert Fields().to_record({"messages": turns, "image": {"bytes": None, "path": "x.jpg"}}) == {
       "conversations": turns, "image": "x.jpg"}
   assert Fields().missing({"messages": turns}) == []

@@ -87,9 +87,11 @@ def _turns(value: Any) -> Any:
   value = _text(value)
   if isinstance(value, str) and value.lstrip().startswith("["):
     try:
-      return json.loads(value)
+      turns = json.loads(value)
     except json.JSONDecodeError:
       return value
+    # only a list of turns is taken as turns: a prompt such as "[1, 2] sums to?" stays text
+    return turns if turns and all(isinstance(t, Mapping) for t in turns) else value
   if hasattr(value, "tolist"):  # a numpy array of dicts (pyarrow list columns)
     value = value.tolist()
   if isinstance(value, list):

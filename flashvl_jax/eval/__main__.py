@@ -24,7 +24,7 @@ from flashvl_jax.engine import Engine
 from flashvl_jax.errors import UserError
 from flashvl_jax.eval.benchmarks import read_items
 from flashvl_jax.eval.prompts import TASKS
-from flashvl_jax.eval.runner import FileResult, evaluate_file
+from flashvl_jax.eval.runner import FileResult, check_settings, evaluate_file
 
 SCORE_NAMES = {"anls": "ANLS"}
 
@@ -67,15 +67,16 @@ def run(args: argparse.Namespace) -> None:
     raise UserError(f"--batch-size ({args.batch_size}) and --max-new-tokens ({args.max_new_tokens}) must be >= 1 "
                     f"and --max-seq-len ({args.max_seq_len}) larger than --max-new-tokens")
   data = [pathlib.Path(p) for p in args.data]
-  for path in data:
-    read_items(path, args.format)  # every file is readable before the model loads (which can take a minute)
-  enable_compilation_cache(args.compilation_cache)
   dtype = default_dtype() if args.dtype == "auto" else args.dtype
+  settings = {"checkpoint": str(pathlib.Path(args.checkpoint).resolve()), "dtype": dtype}
+  out = pathlib.Path(args.out)
+  for path in data:  # every file readable, no earlier predictions at odds, before the model loads (minutes)
+    read_items(path, args.format)
+    check_settings(out, path, {**settings, "task": args.task, "max_new_tokens": args.max_new_tokens}, args.overwrite)
+  enable_compilation_cache(args.compilation_cache)
   model = FlashVL.from_pretrained(args.checkpoint, dtype=dtype, max_length=args.max_seq_len - args.max_new_tokens)
   engine = Engine(model.module, slots=args.batch_size, max_seq_len=args.max_seq_len,
                   stop_ids=model.tokenizer.eos_ids, mesh=model.mesh, max_queue=2 * args.batch_size)
-  settings = {"checkpoint": str(pathlib.Path(args.checkpoint).resolve()), "dtype": dtype}
-  out = pathlib.Path(args.out)
   results = []
   engine.start()
   try:

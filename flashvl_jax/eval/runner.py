@@ -60,7 +60,11 @@ def _finished(path: pathlib.Path) -> dict[str, dict[str, Any]]:
   return done
 
 
-def _check_settings(path: pathlib.Path, settings: dict[str, Any], overwrite: bool) -> None:
+def check_settings(out: pathlib.Path, data: pathlib.Path, settings: dict[str, Any], overwrite: bool = False) -> None:
+  """Raises PathExistsError if `out` holds predictions for `data` made with other `settings` (checked again by
+  `evaluate_file`; the CLI calls it first, before the model loads)."""
+  path = out / f"{data.stem}.settings.json"
+  settings = {**settings, "data": str(data.resolve())}
   if path.exists() and not overwrite:
     saved = json.loads(path.read_text())
     if saved != settings:
@@ -72,15 +76,16 @@ def _check_settings(path: pathlib.Path, settings: dict[str, Any], overwrite: boo
 def evaluate_file(model: FlashVL, engine: Engine, data: pathlib.Path, out: pathlib.Path, *, fmt: str | None,
                   task: str, max_new_tokens: int, settings: dict[str, Any], overwrite: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print) -> FileResult:
+  """Scores `data`, continuing earlier predictions in `out` made with the same `settings` (checkpoint, dtype, ...:
+  whatever the caller records; task and max_new_tokens are added)."""
   items = read_items(data, fmt)
+  settings = {**settings, "task": task, "max_new_tokens": max_new_tokens}
   out.mkdir(parents=True, exist_ok=True)
   predictions = out / f"{data.stem}.predictions.jsonl"
-  settings_file = out / f"{data.stem}.settings.json"
-  settings = {**settings, "data": str(data.resolve()), "task": task, "max_new_tokens": max_new_tokens}
-  _check_settings(settings_file, settings, overwrite)
+  check_settings(out, data, settings, overwrite)
   if overwrite:
     predictions.unlink(missing_ok=True)
-  settings_file.write_text(json.dumps(settings, indent=1))
+  (out / f"{data.stem}.settings.json").write_text(json.dumps({**settings, "data": str(data.resolve())}, indent=1))
   done = _finished(predictions)
   # Rewritten without a line an interruption cut off, so that appended records start on a line of their own.
   predictions.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
