@@ -33,7 +33,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import flax
 import jax
@@ -414,6 +414,34 @@ class Engine:
         self._queue.clear()
     for request in ended:
       _notify(request, [], reason)
+
+  def complete(self, requests: list[Request], state: Any) -> list[list[int]]:
+    """Runs `requests` to their end in the calling thread with the parameters `state` (a state of the module's
+    structure, e.g. a training step's current policy) instead of the engine's own, and returns each one's tokens,
+    up to and including a stop id. Requests beyond the free slots wait and are admitted as others finish. The
+    host loop must not be running; afterwards the engine holds its own parameters again."""
+    if self._running:
+      raise RuntimeError("Engine.complete runs the requests itself; stop the host loop first")
+    results: list[list[int]] = [[] for _ in requests]
+    open_requests = set(range(len(requests)))
+    for i, request in enumerate(requests):
+      def collect(new, reason, i=i):
+        results[i].extend(new)
+        if reason is not None:
+          open_requests.discard(i)
+      request.on_tokens = collect
+      self.check(request)
+    waiting = collections.deque(requests)
+    own_state, self.state = self.state, state
+    try:
+      while open_requests:
+        with self._lock:
+          while waiting and len(self._queue) < self.max_queue:
+            self._queue.append(waiting.popleft())
+        self.run_once()
+    finally:
+      self.state = own_state
+    return results
 
   def generate(self, requests: list[Request], timeout: float | None = None) -> list[list[int]]:
     """Blocking helper (the loop must be running): submits `requests` (their `on_tokens` is replaced) and returns

@@ -17,7 +17,6 @@ import time
 import tomllib
 import urllib.request
 
-import pytest
 
 from flashvl_jax.testing.docs_workdir import TFDS_DATA_DIR, build_docs_workdir
 from flashvl_jax.train.config import load_train_config

@@ -3,6 +3,7 @@ requests, per-request sampling independent of the batch, cancellation, no compil
 
 import time
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -112,3 +113,26 @@ def test_engine_on_a_mesh_equals_one_device(model):
   for (text, image, n), answer in zip(cases, answers):
     batch, _, _ = encode(model, text, image)
     assert answer == model.generate(**batch, max_new_tokens=n, stop_ids=model.tokenizer.eos_ids)[0]
+
+
+def test_complete_runs_requests_with_the_parameters_it_is_handed(model):
+  """GRPO's path: an engine of an abstract module, given a state per call; more requests than slots and queue."""
+  abstract = nnx.eval_shape(lambda: FlashVLModel(load_config("tiny-iss"), rngs=nnx.Rngs(0)))
+  engine = Engine(abstract, slots=2, max_seq_len=SEQ, stop_ids=model.tokenizer.eos_ids, max_queue=2)
+  cases = [("hi", None, 4), ("what is this", picture(3), 6), ("x " * 30, None, 5), ("and now?", picture(4), 3),
+           ("more", None, 2)]
+  requests = [request(model, f"c{i}", text, n, image) for i, (text, image, n) in enumerate(cases)]
+  state = nnx.state(model.module)
+  answers = engine.complete(requests, state)
+  for (text, image, n), answer in zip(cases, answers):
+    batch, _, _ = encode(model, text, image)
+    assert answer == model.generate(**batch, max_new_tokens=n, stop_ids=model.tokenizer.eos_ids)[0]
+  other = nnx.state(FlashVLModel(load_config("tiny-iss"), rngs=nnx.Rngs(1)))
+  assert engine.complete([request(model, "d", "hi", 4)], other)[0] != answers[0]  # the state handed in is used
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(engine.state))  # its own again
+  engine.start()
+  try:
+    with pytest.raises(RuntimeError, match="stop the host loop first"):
+      engine.complete([request(model, "e", "hi", 2)], state)
+  finally:
+    engine.stop()

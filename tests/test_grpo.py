@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax import nnx
 
-from flashvl_jax import sampling
 from flashvl_jax.config import ConfigError, load_config
 from flashvl_jax.data.pipeline import make_dataset
+from flashvl_jax.engine import Engine
 from flashvl_jax.data.synthetic import SyntheticConfig, SyntheticVQA
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.processor import Processor
@@ -138,7 +138,9 @@ def test_grpo_raises_the_reward(cfg, processor):
     graphdef, state, shardings = create_train_state(model, (lora.LORA_TRAINABLE,), tx, mesh)
     train_step = make_train_step(graphdef, tx, optax.constant_schedule(1e-2), shardings, mesh,
                                  grpo.grpo_objective(grpo_cfg))
-    step = grpo.GRPOStep(sampling.Sampler(model, mesh), tokenizer, train_step, None, grpo_cfg,
+    engine = Engine(model, slots=16, mesh=mesh, max_seq_len=processor.max_length + grpo_cfg.max_new_tokens,
+                    max_queue=32)  # 32 rollouts per step through 16 slots
+    step = grpo.GRPOStep(engine, tokenizer, train_step, None, grpo_cfg,
                          rewards.reward_fn(grpo_cfg.rewards), lambda rows: to_global(rows, mesh))
 
     @jax.jit

@@ -236,6 +236,9 @@ class GRPOConfig:
   num_iterations: int = 1  # optimizer steps per batch of rollouts (mu)
   rewards: tuple[str, ...] = ("exact_match",)  # names in `rewards.REWARDS`, summed
   seed: int = 0  # sampling seed (combined with the step)
+  # decode slots of the rollout engine; 0: one per rollout (prompts x group_size). Fewer slots decode narrower
+  # batches, refilled as completions finish
+  rollout_slots: int = bounded(0, ge=0)
 
   def __post_init__(self):
     if self.group_size < 2:

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flashvl_jax import sampling
+from flashvl_jax.engine import Engine, Request
 from flashvl_jax.data.sources import DataError
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.tokenizer import Tokenizer
@@ -172,19 +173,20 @@ def sample_seed(seed: int, step: int) -> int:
 class GRPOStep:
   """`(state, conversation batch) -> (state, metrics)`: rollouts, rewards, advantages and the update(s).
 
-  sampler: a `Sampler` of a module with the structure of the train state; each rollout hands it the state's
-  current variables, so rollouts come from the current policy and nothing else holds parameters. The batch is
-  this process's rows (host arrays).
+  engine: a continuous-batching `Engine` of a module with the structure of the train state (abstract is enough);
+  each rollout hands it the state's current variables (`Engine.complete`), so rollouts come from the current
+  policy and nothing else holds parameters. The G completions of every prompt are separate requests, admitted
+  into free slots as others finish. The batch is this process's rows (host arrays).
   """
 
-  def __init__(self, sampler: sampling.Sampler, tokenizer: Tokenizer, train_step: Callable,
+  def __init__(self, engine: Engine, tokenizer: Tokenizer, train_step: Callable,
                logps_fn: Callable | None, cfg: GRPOConfig, reward: RewardFn,
                to_device: Callable[[dict[str, np.ndarray]], Batch]):
     if jax.process_count() > 1:
       raise NotImplementedError("GRPO rollouts run on one process; multi-host GRPO is not supported yet")
     if cfg.num_iterations > 1 and logps_fn is None:
       raise ValueError("grpo.num_iterations > 1 needs logps_fn (make_logps_fn) for the old policy's log-probs")
-    self.sampler, self.tokenizer, self.train_step, self.logps_fn = sampler, tokenizer, train_step, logps_fn
+    self.engine, self.tokenizer, self.train_step, self.logps_fn = engine, tokenizer, train_step, logps_fn
     self.cfg, self.reward, self.to_device = cfg, reward, to_device
 
   def rollout(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
@@ -192,12 +194,15 @@ class GRPOStep:
     cfg, tokenizer = self.cfg, self.tokenizer
     prompts, answers = split_prompts(batch, tokenizer)
     prompts = repeat_rows(prompts, cfg.group_size)
-    completions = sampling.generate(self.sampler, state=nnx.merge_state(state.params, state.frozen),
-                                    input_ids=prompts["input_ids"],
-                                    attention_mask=prompts["attention_mask"], pixel_values=prompts["pixel_values"],
-                                    image_patch_index=prompts["image_patch_index"],
-                                    max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-                                    top_k=cfg.top_k, top_p=cfg.top_p, seed=sample_seed(cfg.seed, int(state.step)))
+    step_seed = sample_seed(cfg.seed, int(state.step))
+    params = sampling.SamplingParams(True, cfg.temperature, cfg.top_k, cfg.top_p)
+    requests = [Request(str(i), ids[mask.astype(bool)], cfg.max_new_tokens, on_tokens=None,
+                        pixel_values=pixels, image_patch_index=index, sampling=params,
+                        seed=int(np.random.default_rng((step_seed, i)).integers(2**31)))
+                for i, (ids, mask, pixels, index) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"],
+                                                                   prompts["pixel_values"],
+                                                                   prompts["image_patch_index"]))]
+    completions = self.engine.complete(requests, nnx.merge_state(state.params, state.frozen))
     texts = [tokenizer.decode(c) for c in completions]
     rewards = np.asarray([self.reward(t, a) for t, a in zip(texts, np.repeat(answers, cfg.group_size))], np.float32)
     advantages = group_advantages(rewards, cfg.group_size)

@@ -33,7 +33,7 @@ from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
-from flashvl_jax.sampling import Sampler
+from flashvl_jax.engine import Engine
 from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import flops, step_model
 from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
@@ -196,8 +196,11 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
   if cfg.objective == "grpo":  # rollouts from the current policy, then the update; eval is by generation
     variables = nnx.merge_state(state.params, state.frozen)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-    sampler = Sampler(nnx.merge(graphdef, shapes), mesh)  # holds no arrays: each rollout passes the state's
-    run_step = GRPOStep(sampler, processor.tokenizer, train_step,
+    rows = cfg.global_batch_size // jax.process_count() * cfg.grpo.group_size
+    # holds no parameters: each rollout passes the state's
+    engine = Engine(nnx.merge(graphdef, shapes), slots=cfg.grpo.rollout_slots or rows, mesh=mesh,
+                    max_seq_len=cfg.data.max_length + cfg.grpo.max_new_tokens, max_queue=rows)
+    run_step = GRPOStep(engine, processor.tokenizer, train_step,
                         make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
                         reward_fn(cfg.grpo.rewards), lambda rows: to_global(rows, mesh))
   elif data.eval is not None:
