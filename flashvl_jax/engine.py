@@ -422,14 +422,9 @@ class Engine:
     host loop must not be running; afterwards the engine holds its own parameters again."""
     if self._running:
       raise RuntimeError("Engine.complete runs the requests itself; stop the host loop first")
-    results: list[list[int]] = [[] for _ in requests]
     open_requests = set(range(len(requests)))
-    for i, request in enumerate(requests):
-      def collect(new, reason, i=i):
-        results[i].extend(new)
-        if reason is not None:
-          open_requests.discard(i)
-      request.on_tokens = collect
+    results = _collect(requests, open_requests.discard)
+    for request in requests:
       self.check(request)
     waiting = collections.deque(requests)
     own_state, self.state = self.state, state
@@ -439,6 +434,10 @@ class Engine:
           while waiting and len(self._queue) < self.max_queue:
             self._queue.append(waiting.popleft())
         self.run_once()
+    except BaseException:  # leave no half-run request behind for the next call
+      self._end_all(ERROR, queued=True)
+      self._slots = self._empty_slots()
+      raise
     finally:
       self.state = own_state
     return results
@@ -446,18 +445,26 @@ class Engine:
   def generate(self, requests: list[Request], timeout: float | None = None) -> list[list[int]]:
     """Blocking helper (the loop must be running): submits `requests` (their `on_tokens` is replaced) and returns
     each one's tokens, up to and including a stop id."""
-    results: list[list[int]] = [[] for _ in requests]
     finished: queue.Queue[int] = queue.Queue()
-    for i, request in enumerate(requests):
-      def collect(new, reason, i=i):
-        results[i].extend(new)
-        if reason is not None:
-          finished.put(i)
-      request.on_tokens = collect
+    results = _collect(requests, finished.put)
+    for request in requests:
       self.submit(request)
     for _ in requests:
       finished.get(timeout=timeout)
     return results
+
+
+def _collect(requests: list[Request], on_finished: Callable[[int], None]) -> list[list[int]]:
+  """Sets each request's `on_tokens` to gather its tokens into the returned lists; `on_finished(i)` is called when
+  request i ends."""
+  results: list[list[int]] = [[] for _ in requests]
+  for i, request in enumerate(requests):
+    def collect(new, reason, i=i):
+      results[i].extend(new)
+      if reason is not None:
+        on_finished(i)
+    request.on_tokens = collect
+  return results
 
 
 def _notify(request: Request, new: list[int], finished: str | None) -> None:

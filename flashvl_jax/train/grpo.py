@@ -28,8 +28,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flashvl_jax import sampling
-from flashvl_jax.engine import Engine, Request
 from flashvl_jax.data.sources import DataError
+from flashvl_jax.engine import Engine, Request
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.tokenizer import Tokenizer
 from flashvl_jax.sharding import batch_sharding
@@ -165,9 +165,9 @@ def repeat_rows(arrays: dict[str, np.ndarray], times: int) -> dict[str, np.ndarr
   return {k: np.repeat(v, times, axis=0) for k, v in arrays.items()}
 
 
-def sample_seed(seed: int, step: int) -> int:
-  """The sampler's seed for a step: different every step, the same when a run is repeated or resumed."""
-  return int(np.random.default_rng((seed, step)).integers(2**31))
+def sample_seed(seed: int, step: int, rollout: int) -> int:
+  """A rollout's sampling seed: different for every step and rollout, the same when a run is repeated or resumed."""
+  return int(np.random.default_rng((seed, step, rollout)).integers(2**31))
 
 
 class GRPOStep:
@@ -194,11 +194,11 @@ class GRPOStep:
     cfg, tokenizer = self.cfg, self.tokenizer
     prompts, answers = split_prompts(batch, tokenizer)
     prompts = repeat_rows(prompts, cfg.group_size)
-    step_seed = sample_seed(cfg.seed, int(state.step))
+    step = int(state.step)
     params = sampling.SamplingParams(True, cfg.temperature, cfg.top_k, cfg.top_p)
     requests = [Request(str(i), ids[mask.astype(bool)], cfg.max_new_tokens, on_tokens=None,
                         pixel_values=pixels, image_patch_index=index, sampling=params,
-                        seed=int(np.random.default_rng((step_seed, i)).integers(2**31)))
+                        seed=sample_seed(cfg.seed, step, i))
                 for i, (ids, mask, pixels, index) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"],
                                                                    prompts["pixel_values"],
                                                                    prompts["image_patch_index"]))]
