@@ -416,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if "--serve" in argv:  # the server under concurrent clients (its own flags)
     from flashvl_jax import serve_bench
     return serve_bench.main([a for a in argv if a != "--serve"])
+  if "--rollouts" in argv:  # GRPO rollouts, engine vs static generate (its own flags)
+    from flashvl_jax import rollout_bench
+    return rollout_bench.main([a for a in argv if a != "--rollouts"])
   # PyTorch shares the accelerator: JAX must not reserve most of its memory up front. Effective only when this
   # runs before JAX first touches a device (as under `python -m flashvl_jax.bench`).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -45,7 +45,8 @@ from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.tiling import max_image_tokens, max_tiles
 from flashvl_jax.sampling import (DEFAULT_STOP_IDS, InvalidRequestError, Sampler, SamplingParams, bucket_length,
-                                  greedy_tokens, sorted_and_filtered, stop_array)
+                                  filter_logits, greedy_tokens, stop_array)
+from flashvl_jax.sharding import constrain
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +98,26 @@ class Slots:
   key: jax.Array  # [S, 2] uint32: each slot's key data; token i draws with fold_in(key, i)
 
 
+def constrain_slots(slots: Slots) -> Slots:
+  """The slots split over the batch axes ('data', 'fsdp') and their KV heads over 'tensor', under the ambient
+  mesh (without one, as they are): each device holds and decodes its share of the slots, not a copy of all."""
+  per_slot = {f.name: constrain(getattr(slots, f.name), ("batch",) + (None,) * (getattr(slots, f.name).ndim - 1))
+              for f in dataclasses.fields(slots) if f.name != "cache"}
+  cache = {k: constrain(v, (None, "batch", "length", "act_heads", None)) for k, v in slots.cache.items()}
+  return slots.replace(cache=cache, **per_slot)
+
+
 def sample_slots(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                  greedy: jax.Array) -> jax.Array:
   """Next tokens [S] from logits [S, V] with per-slot settings (as `sampling.sample_tokens` row by row)."""
   argmax = greedy_tokens(logits)
 
   def draw(_):
-    values, ids = sorted_and_filtered(logits / temperature[:, None], top_k[:, None], top_p[:, None])
-    choice = jax.vmap(jax.random.categorical)(keys, values)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    scaled = logits / temperature[:, None]
+    # the filters sort the vocabulary of every row (slow on CPU): only when some slot asks for them
+    filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)),
+                            lambda x: filter_logits(x, top_k[:, None], top_p[:, None]), lambda x: x, scaled)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
   sampled = jax.lax.cond(jnp.all(greedy), lambda _: argmax, draw, None)
   return jnp.where(greedy, argmax, sampled)
@@ -154,12 +166,14 @@ class Engine:
     shape = (llm.num_hidden_layers, self.num_slots, self.max_seq_len, llm.num_key_value_heads, llm.head_dim)
     dtype = jnp.dtype(self.config.dtype)
     zeros = lambda dtype_: jnp.zeros((self.num_slots,), dtype_)
+    empty = lambda: constrain_slots(Slots(
+        cache={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, last=zeros(jnp.int32),
+        length=zeros(jnp.int32), generated=zeros(jnp.int32), budget=zeros(jnp.int32), active=zeros(bool),
+        temperature=jnp.ones((self.num_slots,), jnp.float32), top_k=zeros(jnp.int32),
+        top_p=jnp.ones((self.num_slots,), jnp.float32), greedy=jnp.ones((self.num_slots,), bool),
+        key=jnp.zeros((self.num_slots, 2), jnp.uint32)))
     with self._use_mesh():
-      return Slots(cache={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, last=zeros(jnp.int32),
-                   length=zeros(jnp.int32), generated=zeros(jnp.int32), budget=zeros(jnp.int32),
-                   active=zeros(bool), temperature=jnp.ones((self.num_slots,), jnp.float32), top_k=zeros(jnp.int32),
-                   top_p=jnp.ones((self.num_slots,), jnp.float32), greedy=jnp.ones((self.num_slots,), bool),
-                   key=jnp.zeros((self.num_slots, 2), jnp.uint32))
+      return jax.jit(empty)()
 
   def _admit_fn(self, state, slots: Slots, input_ids, length, pixel_values, image_patch_index, slot, budget,
                 temperature, top_k, top_p, greedy, key, stop_ids) -> tuple[Slots, jax.Array]:
@@ -185,20 +199,21 @@ class Engine:
                           active=put(slots.active, ~done), temperature=put(slots.temperature, temperature),
                           top_k=put(slots.top_k, top_k), top_p=put(slots.top_p, top_p),
                           greedy=put(slots.greedy, greedy), key=put(slots.key, key))
-    return slots, first
+    return constrain_slots(slots), first
 
   def _decode_fn(self, state, slots: Slots, live, stop_ids, *, width: int) -> tuple[Slots, jax.Array, jax.Array]:
     """`decode_steps` steps of the first `width` slots (every busy slot is among them); returns the slots,
     tokens [width, steps] and which of them are real."""
     self.trace_counts["decode"] += 1
     if width == self.num_slots:
-      return self._decode_slots(state, slots, live, stop_ids)
+      slots, tokens, emitted = self._decode_slots(state, slots, live, stop_ids)
+      return constrain_slots(slots), tokens, emitted
     # Fewer busy slots than the cache holds: run only the first `width` (the step cost grows with the slots).
     # The cache arrays [L, S, ...] have the slots on axis 1, every other field on axis 0.
     head = jax.tree.map(lambda x: x[:, :width] if x.ndim == 5 else x[:width], slots)
     head, tokens, emitted = self._decode_slots(state, head, live[:width], stop_ids)
     put_back = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
-    return jax.tree.map(put_back, slots, head), tokens, emitted
+    return constrain_slots(jax.tree.map(put_back, slots, head)), tokens, emitted
 
   def _decode_slots(self, state, slots: Slots, live, stop_ids) -> tuple[Slots, jax.Array, jax.Array]:
     model = nnx.merge(self.graphdef, state)

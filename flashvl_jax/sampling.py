@@ -121,15 +121,22 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
   return which * chunk + inside
 
 
-def sorted_and_filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(values, ids) [B, V]: the logits sorted descending, with those outside top-k (0 = off) and top-p (1 = off)
-  set to -inf (the top token always stays). `top_k` / `top_p` are scalars or [B, 1] (one per row)."""
-  values, ids = jax.lax.top_k(logits, logits.shape[-1])  # a full descending sort
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """The logits [B, V] with those outside top-k (0 = off) and top-p (1 = off) set to -inf, in vocabulary order.
+
+  The top token always stays; a token tied with the last one kept stays too. `top_k` / `top_p` are scalars or
+  [B, 1] (one per row). The draw that follows is over the vocabulary in its own order, not in sorted order, so
+  that logits equal up to rounding (another device layout) give the same token: in sorted order, two nearly
+  equal logits that swap places would swap the tokens each position draws.
+  """
+  values = jax.lax.top_k(logits, logits.shape[-1])[0]  # a full descending sort
   rank = jnp.arange(logits.shape[-1])
   values = jnp.where((rank < top_k) | (top_k == 0), values, -jnp.inf)
   probs = jax.nn.softmax(values, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  return jnp.where((mass_before < top_p) | (top_p >= 1), values, -jnp.inf), ids
+  kept = ((mass_before < top_p) | (top_p >= 1)) & (values > -jnp.inf)
+  threshold = jnp.min(jnp.where(kept, values, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
@@ -140,18 +147,10 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top
   """
   if not do_sample:
     return greedy_tokens(logits)
-
-  def filtered(logits, rng):
-    values, ids = sorted_and_filtered(logits, top_k, top_p)
-    choice = jax.random.categorical(rng, values, axis=-1)
-    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
-
-  def unfiltered(logits, rng):
-    return jax.random.categorical(rng, logits, axis=-1)
-
   logits = logits / temperature
   use_filters = (top_k > 0) | (top_p < 1)
-  return jax.lax.cond(use_filters, filtered, unfiltered, logits, rng).astype(jnp.int32)
+  logits = jax.lax.cond(use_filters, lambda x: filter_logits(x, top_k, top_p), lambda x: x, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -160,3 +160,45 @@ def describe(state: Any) -> str:
     spec = getattr(getattr(arr, "sharding", None), "spec", None)
     rows.append(f"{'.'.join(map(str, path))}: {tuple(arr.shape)} {np.dtype(arr.dtype).name} {spec}")
   return "\n".join(rows)
+
+
+def process_mesh(mesh: Mesh) -> Mesh:
+  """The block of `mesh` that this process's devices form, with the same axes (an axis split across processes
+  shrinks to this process's part). On one process it is `mesh`. Raises `ValueError` when the process's devices
+  are not one block (a mesh built by `make_mesh` from `jax.devices()` always gives blocks)."""
+  me = jax.process_index()
+  mine = np.vectorize(lambda d: d.process_index == me, otypes=[bool])(mesh.devices)
+  rows = [np.flatnonzero(mine.any(axis=tuple(a for a in range(mine.ndim) if a != i))) for i in range(mine.ndim)]
+  block = np.ix_(*rows)
+  if not mine[block].all() or mine[block].size != mine.sum():
+    raise ValueError(f"process {me}'s devices do not form one block of the mesh {dict(mesh.shape)}")
+  return Mesh(mesh.devices[block], mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def to_process_mesh(tree: Any, local: Mesh, replicate: Sequence[str] = ()) -> Any:
+  """`tree`'s global arrays (NamedSharding on a mesh that `local = process_mesh(mesh)` is a block of) as arrays on
+  `local`, to run this process's own computations on them, no longer split over the `replicate` axes.
+
+  Dimensions split over those axes or over an axis split across processes are gathered first (a collective:
+  every process calls this at the same point); arrays that need no gathering keep their buffers (no copy).
+  """
+
+  def gathered_spec(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    dropped = set(replicate) | {a for a in mesh.axis_names if local.shape[a] < mesh.shape[a]}
+    entries = []
+    for entry in spec:
+      kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in dropped)
+      entries.append(kept if len(kept) > 1 else (kept[0] if kept else None))
+    return PartitionSpec(*entries)
+
+  leaves, treedef = jax.tree.flatten(tree)
+  gathered = [NamedSharding(x.sharding.mesh, gathered_spec(x.sharding.spec, x.sharding.mesh)) for x in leaves]
+  moved = [i for i, (g, x) in enumerate(zip(gathered, leaves)) if g.spec != x.sharding.spec]
+  if moved:
+    copies = jax.jit(lambda xs: xs, out_shardings=[gathered[i] for i in moved])([leaves[i] for i in moved])
+    for i, copy in zip(moved, copies):
+      leaves[i] = copy
+  local_leaves = [jax.make_array_from_single_device_arrays(x.shape, NamedSharding(local, g.spec),
+                                                           [s.data for s in x.addressable_shards])
+                  for x, g in zip(leaves, gathered)]
+  return jax.tree.unflatten(treedef, local_leaves)

@@ -33,3 +33,18 @@ def test_bench_tiny_static(tmp_path, capsys):
   assert set(result["speedup"]) == {"ttft", "tpot", "tokens_per_s", "vision", "decode_b1", "decode_b2"}
   printed = capsys.readouterr().out
   assert "JAX / PyTorch: ttft" in printed and "greedy tokens identical for the first 12 of 12" in printed
+
+
+def test_rollout_bench_runs_both_paths(tmp_path, capsys):
+  """`python -m flashvl_jax.bench --rollouts` at tiny size: the same completions counted both ways (a random model
+  rarely stops, so both make every token), and the ratio printed."""
+  out = tmp_path / "rollouts.json"
+  assert bench.main(["--rollouts", "--prompts", "2", "--group-size", "3", "--new-tokens", "5", "--slots", "4",
+                     "--repeats", "1", "--dtype", "float32", "--json", str(out)]) == 0
+  report = json.loads(out.read_text())
+  assert len(report["completion_lengths"]) == 6 and max(report["completion_lengths"]) <= 5
+  for side in ("static", "engine"):
+    assert 0 < report[side]["tokens"] <= 30 and report[side]["tokens_per_s"] > 0
+  assert report["ratio"] == pytest.approx(report["engine"]["tokens_per_s"] / report["static"]["tokens_per_s"])
+  printed = capsys.readouterr().out
+  assert "2 prompts x 3 = 6 completions" in printed and "x static" in printed

@@ -104,6 +104,9 @@ def test_engine_on_a_mesh_equals_one_device(model):
   mesh = make_mesh({"data": 2, "fsdp": 4})
   sharded = create_sharded(lambda: FlashVLModel(load_config("tiny-iss"), rngs=nnx.Rngs(0)), mesh)  # = `model`
   engine = Engine(sharded, slots=2, max_seq_len=256, stop_ids=model.tokenizer.eos_ids, mesh=mesh)
+  for array, slot_axis in ((engine._slots.cache["k"], 1), (engine._slots.last, 0)):  # each device: its own slot
+    assert array.sharding.spec[slot_axis] == "data"
+    assert array.addressable_shards[0].data.shape[slot_axis] == 1
   engine.start()
   try:
     cases = [("hi", None, 6), ("look", picture(3), 5)]

@@ -1,6 +1,7 @@
 """GRPO: advantages and the clipped / KL objective against NumPy, prompts and rollout rows, rewards, a short run."""
 
 import itertools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from flashvl_jax.data.synthetic import SyntheticConfig, SyntheticVQA
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import load_tokenizer
-from flashvl_jax.sharding import make_mesh
+from flashvl_jax import sharding
+from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import grpo, lora, rewards
 from flashvl_jax.train.losses import select_targets
 from flashvl_jax.train.config import GRPOConfig, LoraConfig, load_train_config
@@ -82,6 +84,15 @@ def test_rewards():
   assert both("3", "3") == 2.0 and both("I see 3", "3") == 1.0 and both("4", "3") == 0.0
   with pytest.raises(ConfigError, match="'exact'"):
     rewards.reward_fn(["exact"])
+  own = rewards.reward_fn(["flashvl_jax.testing.rewards:character_variety", "exact_match"])
+  assert own("aab", "aab") == 1.0 + 2 / 3
+  for name, message in (("no_such_module_x:f", "cannot import 'no_such_module_x'"),
+                        ("flashvl_jax.testing.rewards:nothing", "has no 'nothing'"),
+                        ("flashvl_jax.testing.rewards:__doc__", "is not a function")):
+    with pytest.raises(ConfigError, match=message):
+      rewards.reward_fn([name])
+  with pytest.raises(ConfigError, match="cannot import"):  # at config time, before anything is built
+    load_train_config("grpo", ["data.path=p.jsonl", "grpo.rewards=[nope:f]"])
 
 
 def test_prompts_and_rollout_rows(processor):
@@ -103,10 +114,47 @@ def test_prompts_and_rollout_rows(processor):
     grpo.split_prompts(dict(batch, loss_mask=np.zeros_like(batch["loss_mask"])), tokenizer)
   with pytest.raises(ConfigError, match="group_size"):
     GRPOConfig(group_size=1)
-  for launch in (["distributed.num_processes=2"], ["distributed.auto=true"]):  # refused before anything is built
-    with pytest.raises(ConfigError, match="'grpo' runs in one process"):
-      load_train_config("grpo", ["data.path=p.jsonl", *launch])
-  load_train_config("grpo", ["data.path=p.jsonl", "distributed.num_processes=1"])
+
+
+def test_rollout_seeds_follow_the_global_row_of_each_prompt(processor):
+  """Process p of P holds records p, p + P, ... of every global batch: `global_prompt_rows` maps its local rows to
+  the rows one process would give them, so both sample each prompt with the same seeds."""
+  source = count_source(4)
+  batch = lambda **shard: next(iter(make_dataset(source, processor, batch_size=8 // shard.get("shard_count", 1),
+                                                 shuffle=False, num_threads=0, **shard)))
+  whole = batch()
+  for p in range(2):
+    part = batch(shard_index=p, shard_count=2)
+    rows = grpo.global_prompt_rows(np.arange(4), process_index=p, process_count=2)
+    for key in ("input_ids", "pixel_values"):
+      np.testing.assert_array_equal(part[key], whole[key][rows])
+  np.testing.assert_array_equal(grpo.global_prompt_rows(np.arange(3)), np.arange(3))  # this (single) process
+
+
+def test_rollout_variables_are_whole_on_each_device_and_keep_unsplit_buffers(cfg):
+  """`to_process_mesh`: the train state on this process's devices with the batch axes gathered (what rollouts
+  decode with); arrays that were not split keep their buffers. `process_mesh` refuses devices that are not a
+  block of the mesh (here: process 1 owning a diagonal of a 2 x 2 mesh)."""
+  mesh = make_mesh({"data": 2, "fsdp": 4})
+  local = sharding.process_mesh(mesh)
+  assert local.devices.tolist() == mesh.devices.tolist()  # one process: the whole mesh
+  state = nnx.state(create_sharded(lambda: FlashVLModel(cfg, rngs=nnx.Rngs(0)), mesh))
+  moved = sharding.to_process_mesh(state, local, replicate=grpo.ROLLOUT_REPLICATED)
+  gathered = kept = 0
+  for before, after in zip(jax.tree.leaves(state), jax.tree.leaves(moved), strict=True):
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    assert not {"data", "fsdp"} & set(jax.tree.leaves(tuple(after.sharding.spec)))
+    pointer = lambda x: x.addressable_shards[0].data.unsafe_buffer_pointer()
+    if before.sharding.spec == after.sharding.spec:
+      kept += pointer(after) == pointer(before)
+    else:
+      gathered += 1
+  assert gathered > 0 and kept > 0
+  device = lambda p: types.SimpleNamespace(process_index=p)
+  diagonal = types.SimpleNamespace(devices=np.array([[device(0), device(1)], [device(1), device(0)]]),
+                                   shape={"data": 2, "fsdp": 2})
+  with pytest.raises(ValueError, match="do not form one block"):
+    sharding.process_mesh(diagonal)
 
 
 def test_grpo_raises_the_reward(cfg, processor):

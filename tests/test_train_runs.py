@@ -1,18 +1,16 @@
 """Whole training runs of the tiny config: exact resume after SIGKILL, two processes vs one, a dead process,
 and the NaN stop. One uninterrupted single-process run is the reference for the first two."""
 
-import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
+from flashvl_jax.testing.train_processes import (kill_one_and_wait, kill_while_checkpointing, launch_two_processes,
+                                                 records, wait_all)
 from flashvl_jax.train.config import load_train_config
 from flashvl_jax.train.state import Checkpointer
 from flashvl_jax.train.trainer import NonFiniteLossError, train
@@ -20,23 +18,6 @@ from flashvl_jax.train.trainer import NonFiniteLossError, train
 STEPS = 6
 OVERRIDES = [f"steps={STEPS}", "data.shuffle=false", "data.eval_size=16", "checkpoint.every_steps=1000"]
 SAVE_EVERY_STEP = ["checkpoint.every_steps=1", "checkpoint.keep=10"]
-
-
-TIMINGS = ("train/step_seconds", "train/tokens_per_s", "train/tflops_per_device", "train/mfu")
-
-
-def records(output_dir):
-  """metrics.jsonl without the wall-clock timings."""
-  lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-  return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in lines]
-
-
-def launch(output_dir, *args, devices=8):
-  """`python -m flashvl_jax.train tiny ...` in a subprocess on `devices` CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_DEFAULT_MATMUL_PRECISION="highest")  # as conftest sets them in this process
-  cmd = [sys.executable, "-m", "flashvl_jax.train", "tiny", f"output_dir={output_dir}", *OVERRIDES, *args]
-  return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -48,32 +29,8 @@ def reference(tmp_path_factory):
   return records(output_dir)
 
 
-def kill_while_checkpointing(output_dir, min_step=3, timeout_s=300):
-  """Runs training in a subprocess and SIGKILLs it while checkpoint `>= min_step` is half-written: the process
-  is stopped (SIGSTOP) when a temporary checkpoint folder appears, and killed if the folder is still there."""
-  proc = launch(output_dir, *SAVE_EVERY_STEP)
-  partial = lambda: [p for p in (output_dir / "checkpoints").glob("*.orbax-checkpoint-tmp*")
-                     if int(p.name.split(".")[0]) >= min_step]
-  deadline = time.monotonic() + timeout_s
-  try:
-    while time.monotonic() < deadline and proc.poll() is None:
-      if partial():
-        proc.send_signal(signal.SIGSTOP)
-        if partial():
-          proc.send_signal(signal.SIGKILL)
-          proc.wait()
-          return int(partial()[0].name.split(".")[0])
-        proc.send_signal(signal.SIGCONT)  # it completed in between: wait for the next one
-      time.sleep(0.002)
-    raise AssertionError(f"the run ended (exit {proc.poll()}) or timed out before checkpoint {min_step} was "
-                         f"written: {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}")
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-
-
 def test_sigkilled_run_resumes_with_identical_losses(tmp_path, reference):
-  interrupted = kill_while_checkpointing(tmp_path)
+  interrupted = kill_while_checkpointing(tmp_path, *OVERRIDES, *SAVE_EVERY_STEP)
   latest = Checkpointer(tmp_path / "checkpoints", load_train_config("tiny").checkpoint).latest_step()
   assert latest is not None and latest < interrupted  # the half-written checkpoint is never picked up
   resumed = train(load_train_config("tiny", [f"output_dir={tmp_path}", *OVERRIDES, *SAVE_EVERY_STEP]), resume=True)
@@ -81,23 +38,9 @@ def test_sigkilled_run_resumes_with_identical_losses(tmp_path, reference):
   assert records(tmp_path) == reference  # every step's loss, bitwise, and the final eval; one record each
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def launch_two_processes(output_dir, *overrides):
-  port = free_port()
-  return [launch(output_dir, *overrides, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-                 "--process-id", str(i), devices=4) for i in range(2)]
-
-
 def test_two_processes_match_one_process(tmp_path, reference):
   """Two processes of 4 devices, each feeding half of every global batch, give the one-process losses."""
-  for proc in launch_two_processes(tmp_path):
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+  wait_all(launch_two_processes(tmp_path, *OVERRIDES))
   two = records(tmp_path)
   assert [r["step"] for r in two] == [r["step"] for r in reference]  # process 0 alone writes
   for key in ("train/loss", "train/grad_norm", "train/tokens", "eval/loss"):
@@ -108,19 +51,8 @@ def test_two_processes_match_one_process(tmp_path, reference):
 
 def test_dead_process_stops_the_others_with_a_clear_error(tmp_path):
   """Process 1 is SIGKILLed once the run is set up; process 0 aborts within the heartbeat timeout, saying why."""
-  procs = launch_two_processes(tmp_path, "distributed.heartbeat_timeout_s=5", "steps=1000")
-  try:
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "config.yaml").exists():  # written by process 0 right before the first step
-      assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-3000:]
-      time.sleep(0.1)
-    procs[1].kill()
-    killed_at = time.monotonic()
-    _, stderr = procs[0].communicate(timeout=120)
-    waited = time.monotonic() - killed_at
-  finally:
-    for proc in procs:
-      proc.kill()
+  procs = launch_two_processes(tmp_path, *OVERRIDES, "distributed.heartbeat_timeout_s=5", "steps=1000")
+  waited, stderr = kill_one_and_wait(procs, tmp_path / "config.yaml")  # written right before the first step
   assert procs[0].returncode != 0
   assert "another task died" in stderr and "heartbeat" in stderr, stderr[-3000:]
   assert waited < 60, f"process 0 took {waited:.0f}s to notice"

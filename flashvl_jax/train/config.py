@@ -18,6 +18,7 @@ from flashvl_jax.config import (ConfigError, FlashVLConfig, apply_overrides, bou
 from flashvl_jax.data.fields import Fields
 from flashvl_jax.data.synthetic import SyntheticConfig
 from flashvl_jax.models.layers import REMAT_CHOICES
+from flashvl_jax.train.rewards import reward_fn
 
 
 def check_regexes(patterns: Sequence[str], key: str) -> None:
@@ -234,7 +235,7 @@ class GRPOConfig:
   epsilon: float = 0.2  # clip range of the policy ratio
   kl_coef: float = 0.001  # weight of the k3 KL estimate to the reference (adapters off)
   num_iterations: int = 1  # optimizer steps per batch of rollouts (mu)
-  rewards: tuple[str, ...] = ("exact_match",)  # names in `rewards.REWARDS`, summed
+  rewards: tuple[str, ...] = ("exact_match",)  # names in `rewards.REWARDS` or 'module:function' paths, summed
   seed: int = 0  # sampling seed (combined with the step)
   # decode slots of the rollout engine; 0: one per rollout (prompts x group_size). Fewer slots decode narrower
   # batches, refilled as completions finish
@@ -291,9 +292,8 @@ class TrainConfig:
                         "the adapters switched off (see configs/train/stage5_dpo.yaml)")
     if self.objective != "sft" and self.data.packing:
       raise ConfigError(f"data.packing is for SFT conversations; set it to false for objective {self.objective!r}")
-    if self.objective == "grpo" and (self.distributed.auto or (self.distributed.num_processes or 1) > 1):
-      raise ConfigError("objective 'grpo' runs in one process (the sampler does not gather rollouts across hosts "
-                        "yet); launch it on one host without distributed settings")
+    if self.objective == "grpo":
+      reward_fn(self.grpo.rewards)  # an unknown name or a path that does not import fails here, not after setup
 
 
 def load_train_config(name_or_path: str | pathlib.Path = "demo", overrides: Sequence[str] = ()) -> TrainConfig:

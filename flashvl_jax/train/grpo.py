@@ -3,8 +3,9 @@
 One GRPO step (`GRPOStep`), as in tunix's `GRPOLearner` and DeepSeekMath:
 1. prompts: an ordinary conversation batch from the data pipeline; each row's last assistant answer is held back
    as the reference answer and the tokens before it are the prompt (`split_prompts`);
-2. rollouts: every prompt is sampled `group_size` times with the sampler (`flashvl_jax.sampling.generate`,
-   temperature / top-k / top-p, `max_new_tokens`), from the current policy (the model with its adapters);
+2. rollouts: every prompt is sampled `group_size` times by the continuous-batching engine (`flashvl_jax.engine`,
+   one request per completion, temperature / top-k / top-p, `max_new_tokens`), from the current policy (the
+   model with its adapters), each process on its own prompts and devices;
 3. rewards: `rewards.reward_fn(grpo.rewards)` scores each decoded completion against the reference answer;
    advantages are the rewards normalised within each group, `(r - mean) / (std + 1e-4)` (`group_advantages`);
 4. update(s): `num_iterations` optimizer steps on the rollouts with the clipped surrogate and the k3 KL to the
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flashvl_jax import sampling
@@ -32,7 +34,7 @@ from flashvl_jax.data.sources import DataError
 from flashvl_jax.engine import Engine, Request
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.tokenizer import Tokenizer
-from flashvl_jax.sharding import batch_sharding
+from flashvl_jax.sharding import batch_sharding, to_process_mesh
 from flashvl_jax.train.config import GRPOConfig
 from flashvl_jax.train.dpo import answer_logps
 from flashvl_jax.train.lora import set_lora
@@ -43,6 +45,10 @@ from flashvl_jax.train.steps import Objective
 
 Batch = dict[str, jax.Array]
 IMAGE_KEYS = ("pixel_values", "tile_mask", "image_patch_index", "num_image_tokens")
+# Rollouts decode with the weights whole on every device of the batch axes (split over 'tensor' only): decoding
+# with FSDP-split weights would gather them at every token, and each process samples what one process would
+# (the same computation per device, whatever the number of processes).
+ROLLOUT_REPLICATED = ("data", "fsdp")
 ADVANTAGE_EPS = 1e-4  # keeps groups with (almost) equal rewards finite; their advantages are ~0
 
 
@@ -165,6 +171,26 @@ def repeat_rows(arrays: dict[str, np.ndarray], times: int) -> dict[str, np.ndarr
   return {k: np.repeat(v, times, axis=0) for k, v in arrays.items()}
 
 
+def global_prompt_rows(local_rows: np.ndarray, process_index: int | None = None,
+                       process_count: int | None = None) -> np.ndarray:
+  """Where this process's prompt rows sit in the global batch of one process: the data pipeline gives process p
+  of P the records p, p + P, p + 2P, ... (`data.pipeline`), so local row r is global row p + P * r. Seeding a
+  rollout by its global row makes P processes sample what one process would (without shuffling)."""
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  return p + count * np.asarray(local_rows)
+
+
+def rollout_metrics(rewards: np.ndarray, lengths: np.ndarray, group_size: int) -> dict[str, float]:
+  """Reward mean / std, the fraction of groups whose rewards differ, the mean completion length: over the
+  rollouts of every process (all processes call this together)."""
+  if jax.process_count() > 1:
+    rewards, lengths = (np.asarray(multihost_utils.process_allgather(x)).reshape(-1) for x in (rewards, lengths))
+  spread = rewards.reshape(-1, group_size).std(axis=1) > 0
+  return {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+          "groups_with_signal": float(spread.mean()), "completion_length": float(lengths.mean())}
+
+
 def sample_seed(seed: int, step: int, rollout: int) -> int:
   """A rollout's sampling seed: different for every step and rollout, the same when a run is repeated or resumed."""
   return int(np.random.default_rng((seed, step, rollout)).integers(2**31))
@@ -173,17 +199,19 @@ def sample_seed(seed: int, step: int, rollout: int) -> int:
 class GRPOStep:
   """`(state, conversation batch) -> (state, metrics)`: rollouts, rewards, advantages and the update(s).
 
-  engine: a continuous-batching `Engine` of a module with the structure of the train state (abstract is enough);
-  each rollout hands it the state's current variables (`Engine.complete`), so rollouts come from the current
-  policy and nothing else holds parameters. The G completions of every prompt are separate requests, admitted
-  into free slots as others finish. The batch is this process's rows (host arrays).
+  engine: a continuous-batching `Engine` of a module with the structure of the train state (abstract is enough),
+  on this process's devices (`sharding.process_mesh`); each rollout hands it the state's current variables
+  (`Engine.complete`), so rollouts come from the current policy and nothing else holds parameters. The G
+  completions of every prompt are separate requests, admitted into free slots as others finish.
+
+  With several processes, each one rolls out the prompts of its own rows (host arrays, as the data pipeline
+  gives them) on its own devices; the rewards and advantages of a group stay on the process that sampled it, the
+  rollout metrics are gathered from all processes and the update runs on the global rollout rows.
   """
 
   def __init__(self, engine: Engine, tokenizer: Tokenizer, train_step: Callable,
                logps_fn: Callable | None, cfg: GRPOConfig, reward: RewardFn,
                to_device: Callable[[dict[str, np.ndarray]], Batch]):
-    if jax.process_count() > 1:
-      raise NotImplementedError("GRPO rollouts run on one process; multi-host GRPO is not supported yet")
     if cfg.num_iterations > 1 and logps_fn is None:
       raise ValueError("grpo.num_iterations > 1 needs logps_fn (make_logps_fn) for the old policy's log-probs")
     self.engine, self.tokenizer, self.train_step, self.logps_fn = engine, tokenizer, train_step, logps_fn
@@ -196,22 +224,21 @@ class GRPOStep:
     prompts = repeat_rows(prompts, cfg.group_size)
     step = int(state.step)
     params = sampling.SamplingParams(True, cfg.temperature, cfg.top_k, cfg.top_p)
+    group = np.arange(len(prompts["input_ids"]))
+    rollout_ids = global_prompt_rows(group // cfg.group_size) * cfg.group_size + group % cfg.group_size
     requests = [Request(str(i), ids[mask.astype(bool)], cfg.max_new_tokens, on_tokens=None,
                         pixel_values=pixels, image_patch_index=index, sampling=params,
-                        seed=sample_seed(cfg.seed, step, i))
-                for i, (ids, mask, pixels, index) in enumerate(zip(prompts["input_ids"], prompts["attention_mask"],
-                                                                   prompts["pixel_values"],
-                                                                   prompts["image_patch_index"]))]
-    completions = self.engine.complete(requests, nnx.merge_state(state.params, state.frozen))
+                        seed=sample_seed(cfg.seed, step, int(i)))
+                for i, ids, mask, pixels, index in zip(rollout_ids, prompts["input_ids"], prompts["attention_mask"],
+                                                       prompts["pixel_values"], prompts["image_patch_index"])]
+    variables = to_process_mesh(nnx.merge_state(state.params, state.frozen), self.engine.mesh,
+                                replicate=ROLLOUT_REPLICATED)
+    completions = self.engine.complete(requests, variables)
     texts = [tokenizer.decode(c) for c in completions]
     rewards = np.asarray([self.reward(t, a) for t, a in zip(texts, np.repeat(answers, cfg.group_size))], np.float32)
     advantages = group_advantages(rewards, cfg.group_size)
     rows = rollout_rows(prompts, completions, advantages, max_new_tokens=cfg.max_new_tokens, pad_id=tokenizer.pad_id)
-    spread = rewards.reshape(-1, cfg.group_size).std(axis=1) > 0
-    metrics = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-               "groups_with_signal": float(spread.mean()),
-               "completion_length": float(np.mean([len(c) for c in completions]))}
-    return rows, metrics
+    return rows, rollout_metrics(rewards, np.asarray([len(c) for c in completions], np.float32), cfg.group_size)
 
   def __call__(self, state: TrainState, batch: dict[str, np.ndarray]) -> tuple[TrainState, dict]:
     rows, rollout_metrics = self.rollout(state, batch)

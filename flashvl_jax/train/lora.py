@@ -100,13 +100,19 @@ def _name(path: tuple) -> str:
   return ".".join(str(p) for p in path)
 
 
-def _lora_param(value: jax.Array, axes: tuple | None, like: jax.Array) -> nnx.LoRAParam:
-  """A LoRA parameter with logical axes `axes`, placed on the mesh of `like` (the base kernel) when it has one."""
+def _on_mesh_of(value: jax.Array, like: jax.Array, axes: tuple | None) -> jax.Array:
+  """`value` placed on the mesh of `like` (the base kernel) by its logical `axes` (None: replicated), when `like`
+  has a mesh; as it is otherwise (an abstract or unsharded model)."""
   sharding = getattr(like, "sharding", None) if not isinstance(like, jax.core.Tracer) else None
-  if axes is not None and isinstance(sharding, jax.sharding.NamedSharding):
-    spec = logical_to_spec(axes, value.shape, sharding.mesh)
-    value = jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
-  return nnx.LoRAParam(value, **({"out_sharding": axes} if axes is not None else {}))
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return value
+  spec = logical_to_spec(axes, value.shape, sharding.mesh) if axes is not None else jax.sharding.PartitionSpec()
+  return jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+
+def _lora_param(value: jax.Array, axes: tuple | None, like: jax.Array) -> nnx.LoRAParam:
+  """A LoRA parameter with logical axes `axes`, on the mesh of `like`."""
+  return nnx.LoRAParam(_on_mesh_of(value, like, axes), **({"out_sharding": axes} if axes is not None else {}))
 
 
 def _no_match_hint(pattern: str, names: list[str]) -> str:
@@ -150,7 +156,8 @@ def add_lora(model: nnx.Module, cfg: LoraConfig) -> list[str]:
     index = jnp.arange(count, count + size, dtype=jnp.int32).reshape(layers)
     count += size
     linear.lora = LoRA(_lora_param(a, None if axes is None else (*axes[:-1], None), kernel),
-                       _lora_param(b, None if axes is None else (*axes[:-2], None, axes[-1]), kernel), index,
+                       _lora_param(b, None if axes is None else (*axes[:-2], None, axes[-1]), kernel),
+                       _on_mesh_of(index, kernel, None),
                        scale=cfg.alpha / cfg.rank, dropout_rate=cfg.dropout, dtype=linear.dtype,
                        precision=linear.precision)
     adapted.append(name)

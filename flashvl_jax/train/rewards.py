@@ -1,11 +1,13 @@
 """Verifiable rewards for GRPO: functions `(completion text, reference answer) -> float`.
 
-`REWARDS` maps the names a config uses (`grpo.rewards`) to functions; add an entry to plug in another check.
-Several names are summed (`reward_fn`).
+`REWARDS` maps the names a config uses (`grpo.rewards`) to functions. A name `package.module:function` imports
+a function of your own instead (it must be importable, e.g. on PYTHONPATH). Several names are summed
+(`reward_fn`).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Sequence
 
 from flashvl_jax.config import ConfigError
@@ -25,10 +27,27 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+def named_reward(name: str) -> RewardFn:
+  """The reward `name` stands for: an entry of `REWARDS`, or `module:function`; else `ConfigError`."""
+  if name in REWARDS:
+    return REWARDS[name]
+  module_name, _, function_name = name.partition(":")
+  if not function_name:
+    raise ConfigError(f"grpo.rewards: {name!r} is none of {sorted(REWARDS)} and not a 'module:function' path")
+  try:
+    fn = getattr(importlib.import_module(module_name), function_name)
+  except ImportError as e:
+    raise ConfigError(f"grpo.rewards: cannot import {module_name!r} for {name!r}: {e}") from e
+  except AttributeError as e:
+    raise ConfigError(f"grpo.rewards: module {module_name!r} has no {function_name!r}") from e
+  if not callable(fn):
+    raise ConfigError(f"grpo.rewards: {name!r} is not a function")
+  return fn
+
+
 def reward_fn(names: Sequence[str]) -> RewardFn:
-  """The sum of the named rewards; an unknown name raises `ConfigError` listing the known ones."""
-  unknown = [n for n in names if n not in REWARDS]
-  if unknown or not names:
-    raise ConfigError(f"grpo.rewards {list(names)} must name one or more of {sorted(REWARDS)}")
-  fns = [REWARDS[n] for n in names]
-  return lambda completion, answer: sum(fn(completion, answer) for fn in fns)
+  """The sum of the named rewards (`named_reward`); `ConfigError` for an empty list or an unknown name."""
+  if not names:
+    raise ConfigError(f"grpo.rewards must name one or more of {sorted(REWARDS)} (or 'module:function' paths)")
+  fns = [named_reward(n) for n in names]
+  return lambda completion, answer: sum(float(fn(completion, answer)) for fn in fns)

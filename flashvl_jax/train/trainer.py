@@ -34,7 +34,7 @@ from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
 from flashvl_jax.engine import Engine
-from flashvl_jax.sharding import create_sharded, make_mesh
+from flashvl_jax.sharding import create_sharded, make_mesh, process_mesh
 from flashvl_jax.train import flops, step_model
 from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
 from flashvl_jax.train.data_sources import Sources, open_sources
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
     rows = cfg.global_batch_size // jax.process_count() * cfg.grpo.group_size
     # holds no parameters: each rollout passes the state's
-    engine = Engine(nnx.merge(graphdef, shapes), slots=cfg.grpo.rollout_slots or rows, mesh=mesh,
+    engine = Engine(nnx.merge(graphdef, shapes), slots=cfg.grpo.rollout_slots or rows, mesh=process_mesh(mesh),
                     max_seq_len=cfg.data.max_length + cfg.grpo.max_new_tokens, max_queue=rows)
     run_step = GRPOStep(engine, processor.tokenizer, train_step,
                         make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
