@@ -134,8 +134,8 @@ def jax_generation(model: FlashVL, batch: dict[str, np.ndarray], new_tokens: int
   compiled = {k: v - traces.get(k, 0) for k, v in sampler.trace_counts.items()}
   return dict(ttft_s=ttft, tpot_s=(total - ttft) / (new_tokens - 1), tokens_per_s=new_tokens / total,
               total_s=total, compile_s=first_total - total, compiled=compiled, tokens=tokens[0].tolist(),
-              attention=sampler.resolve_attention(attention),
-              decode_attention=sampler.resolve_attention(attention, decode=True))
+              attention=sampling.resolve_attention(model.config, attention),
+              decode_attention=sampling.resolve_attention(model.config, attention, decode=True))
 
 
 def jax_decode_throughput(model: FlashVL, batch: dict[str, np.ndarray], batch_size: int, new_tokens: int,
@@ -162,7 +162,7 @@ def jax_vision(model: FlashVL, tiles: np.ndarray, repeats: int, attention: str) 
   attention implementation."""
   sampler = model.sampler
   kind = model.config.vision.kind
-  implementation = sampler.resolve_attention(attention)
+  implementation = sampling.resolve_attention(model.config, attention)
 
   @jax.jit
   def encode(state, pixels):

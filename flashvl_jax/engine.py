@@ -44,9 +44,9 @@ from flax import nnx
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_attention
 from flashvl_jax.preprocess.tiling import max_image_tokens, max_tiles
-from flashvl_jax.sampling import (DEFAULT_STOP_IDS, InvalidRequestError, Sampler, SamplingParams, bucket_length,
-                                  filter_logits, greedy_tokens, stop_array)
-from flashvl_jax.sharding import constrain
+from flashvl_jax.sampling import (DEFAULT_STOP_IDS, STOP_SLOTS, InvalidRequestError, SamplingParams, bucket_length,
+                                  filter_logits, greedy_tokens, resolve_attention, stop_array)
+from flashvl_jax.sharding import constrain, logical_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +98,17 @@ class Slots:
   key: jax.Array  # [S, 2] uint32: each slot's key data; token i draws with fold_in(key, i)
 
 
-def constrain_slots(slots: Slots) -> Slots:
-  """The slots split over the batch axes ('data', 'fsdp') and their KV heads over 'tensor', under the ambient
-  mesh (without one, as they are): each device holds and decodes its share of the slots, not a copy of all."""
-  per_slot = {f.name: constrain(getattr(slots, f.name), ("batch",) + (None,) * (getattr(slots, f.name).ndim - 1))
+def slot_axes(slots: Slots) -> Slots:
+  """The logical axes of every field: slots on 'batch' (split over 'data' and 'fsdp'), KV heads on 'act_heads'
+  ('tensor'), so that each device holds and decodes its share of the slots, not a copy of all."""
+  per_slot = {f.name: ("batch",) + (None,) * (len(getattr(slots, f.name).shape) - 1)
               for f in dataclasses.fields(slots) if f.name != "cache"}
-  cache = {k: constrain(v, (None, "batch", "length", "act_heads", None)) for k, v in slots.cache.items()}
-  return slots.replace(cache=cache, **per_slot)
+  return slots.replace(cache={k: (None, "batch", "length", "act_heads", None) for k in slots.cache}, **per_slot)
+
+
+def constrain_slots(slots: Slots) -> Slots:
+  """The slots laid out by `slot_axes` under the ambient mesh (without one, as they are)."""
+  return jax.tree.map(constrain, slots, slot_axes(slots), is_leaf=lambda x: isinstance(x, jax.Array))
 
 
 def sample_slots(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
@@ -129,11 +133,13 @@ class Engine:
   module: the model (its variables are split once). stop_ids: ids that end a request (the tokenizer's `eos_ids`).
   decode_steps: tokens each slot produces per decode call (the host sees new tokens this often).
   max_queue: requests waiting for a slot; `submit` beyond it raises `QueueFullError`.
+  allocate=False: no device memory (no slots); such an engine only `lower`s its functions, e.g. for a TPU
+  topology this host does not have.
   """
 
   def __init__(self, module: FlashVLModel, *, slots: int = 8, max_seq_len: int = 2048,
                stop_ids: tuple[int, ...] = DEFAULT_STOP_IDS, mesh: jax.sharding.Mesh | None = None,
-               attention: str = "auto", decode_steps: int = 4, max_queue: int = 256):
+               attention: str = "auto", decode_steps: int = 4, max_queue: int = 256, allocate: bool = True):
     if slots < 1 or max_seq_len < 2 or decode_steps < 1:
       raise ValueError(f"slots ({slots}), decode_steps ({decode_steps}) must be >= 1 and max_seq_len "
                        f"({max_seq_len}) >= 2")
@@ -141,14 +147,13 @@ class Engine:
     self.num_slots, self.max_seq_len, self.decode_steps, self.max_queue = slots, max_seq_len, decode_steps, max_queue
     self.stop_ids = tuple(stop_ids)
     self.mesh = mesh
-    sampler = Sampler(module, mesh)  # for its attention choice; its jitted functions are not used
-    self.prefill_attention = sampler.resolve_attention(attention)
-    self.decode_attention = sampler.resolve_attention(attention, decode=True)
-    self.graphdef, self.state = sampler.graphdef, sampler.state
+    self.prefill_attention = resolve_attention(self.config, attention)
+    self.decode_attention = resolve_attention(self.config, attention, decode=True)
+    self.graphdef, self.state = nnx.split(module)
     self.trace_counts: collections.Counter[str] = collections.Counter()
     self._admit = jax.jit(self._admit_fn, donate_argnames=("slots",))
     self._decode = jax.jit(self._decode_fn, static_argnames=("width",), donate_argnames=("slots",))
-    self._slots = self._empty_slots()
+    self._slots = self._empty_slots() if allocate else None
     self._requests: list[Request | None] = [None] * slots
     self._queue: collections.deque[Request] = collections.deque()
     self._cancelled: set[str] = set()
@@ -161,19 +166,49 @@ class Engine:
   def _use_mesh(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _empty_slots(self) -> Slots:
+  def _new_slots(self) -> Slots:
     llm = self.config.llm
     shape = (llm.num_hidden_layers, self.num_slots, self.max_seq_len, llm.num_key_value_heads, llm.head_dim)
     dtype = jnp.dtype(self.config.dtype)
     zeros = lambda dtype_: jnp.zeros((self.num_slots,), dtype_)
-    empty = lambda: constrain_slots(Slots(
+    return constrain_slots(Slots(
         cache={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, last=zeros(jnp.int32),
         length=zeros(jnp.int32), generated=zeros(jnp.int32), budget=zeros(jnp.int32), active=zeros(bool),
         temperature=jnp.ones((self.num_slots,), jnp.float32), top_k=zeros(jnp.int32),
         top_p=jnp.ones((self.num_slots,), jnp.float32), greedy=jnp.ones((self.num_slots,), bool),
         key=jnp.zeros((self.num_slots, 2), jnp.uint32)))
+
+  def _empty_slots(self) -> Slots:
     with self._use_mesh():
-      return jax.jit(empty)()
+      return jax.jit(self._new_slots)()
+
+  def _shape(self, shape: tuple[int, ...], dtype, names: tuple | None = None) -> jax.ShapeDtypeStruct:
+    """An argument's shape for `lower`: laid out by its logical `names` on the mesh (None: replicated)."""
+    if self.mesh is None:
+      return jax.ShapeDtypeStruct(shape, dtype)
+    spec = logical_to_spec(names, shape, self.mesh) if names else jax.sharding.PartitionSpec()
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(self.mesh, spec))
+
+  def lower(self, state: Any, *, prompt_length: int, image: bool) -> tuple[Any, Any]:
+    """(admission of one prompt of `prompt_length` tokens, with an image or without; a decode call of every
+    slot), lowered from shapes alone: `state` may hold `jax.ShapeDtypeStruct`s with shardings."""
+    shapes = jax.eval_shape(self._new_slots)
+    slots = jax.tree.map(lambda x, names: self._shape(x.shape, x.dtype, names), shapes, slot_axes(shapes),
+                         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    cfg, scalar = self.config, lambda dtype: self._shape((), dtype)
+    pixels = index = None
+    if image:
+      side, f = cfg.vision.image_size, cfg.adapter.shuffle_factor
+      pixels = self._shape((1, max_tiles(cfg), side, side, 3), jnp.uint8)
+      index = self._shape((1, max_image_tokens(cfg), f * f), jnp.int32)
+    stop_ids = self._shape((STOP_SLOTS,), jnp.int32)
+    with self._use_mesh():
+      admit = self._admit.lower(state, slots, self._shape((1, prompt_length), jnp.int32), scalar(jnp.int32), pixels,
+                                index, scalar(jnp.int32), scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.int32),
+                                scalar(jnp.float32), scalar(jnp.bool_), self._shape((2,), jnp.uint32), stop_ids)
+      decode = self._decode.lower(state, slots, self._shape((self.num_slots,), jnp.bool_), stop_ids,
+                                  width=self.num_slots)
+    return admit, decode
 
   def _admit_fn(self, state, slots: Slots, input_ids, length, pixel_values, image_patch_index, slot, budget,
                 temperature, top_k, top_p, greedy, key, stop_ids) -> tuple[Slots, jax.Array]:

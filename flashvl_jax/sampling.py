@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from flashvl_jax import sharding
+from flashvl_jax.config import FlashVLConfig
 from flashvl_jax.errors import UserError
 from flashvl_jax.models.flashvl import FlashVLModel, check_image_placeholders
 from flashvl_jax.models.layers import set_attention
@@ -176,6 +177,23 @@ def _left_align(input_ids: np.ndarray, attention_mask: np.ndarray, length: int) 
   return ids, mask
 
 
+def resolve_attention(config: FlashVLConfig, attention: str, *, decode: bool = False) -> str:
+  """'auto' -> 'looped' on CPU (2-3x faster there: each score matrix stays in cache); for prefill on an NVIDIA
+  GPU 'cudnn' when the model is bf16/fp16 and cuDNN takes its head sizes; else 'xla' (decode, one query per
+  row, gains nothing from flash attention)."""
+  if attention not in ATTENTION_CHOICES:
+    raise InvalidRequestError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+  if attention != "auto":
+    return attention
+  if jax.default_backend() == "cpu":
+    return "looped"
+  half = config.dtype in ("bfloat16", "float16")
+  vision = config.vision
+  head_dims = (config.llm.head_dim, vision.hidden_size // vision.num_attention_heads)
+  fits = all(d % 8 == 0 and d <= 128 for d in head_dims)
+  return "cudnn" if jax.default_backend() == "gpu" and half and fits and not decode else "xla"
+
+
 def stop_array(stop_ids: tuple[int, ...]) -> jax.Array:
   padded = np.full(max(STOP_SLOTS, len(stop_ids)), -1, np.int32)
   padded[:len(stop_ids)] = stop_ids
@@ -207,22 +225,6 @@ class Sampler:
     spec = sharding.batch_sharding(self.mesh, x.ndim) if x.shape[0] % batch_devices == 0 else sharding.replicated(
         self.mesh)
     return jax.device_put(x, spec)
-
-  def resolve_attention(self, attention: str, *, decode: bool = False) -> str:
-    """'auto' -> 'looped' on CPU (2-3x faster there: each score matrix stays in cache); for prefill on an NVIDIA
-    GPU 'cudnn' when the model is bf16/fp16 and cuDNN takes its head sizes; else 'xla' (decode, one query per
-    row, gains nothing from flash attention)."""
-    if attention not in ATTENTION_CHOICES:
-      raise InvalidRequestError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    if attention != "auto":
-      return attention
-    if jax.default_backend() == "cpu":
-      return "looped"
-    half = self.config.dtype in ("bfloat16", "float16")
-    vision = self.config.vision
-    head_dims = (self.config.llm.head_dim, vision.hidden_size // vision.num_attention_heads)
-    fits = all(d % 8 == 0 and d <= 128 for d in head_dims)
-    return "cudnn" if jax.default_backend() == "gpu" and half and fits and not decode else "xla"
 
   def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_patch_index=None, *,
               max_new_tokens: int, max_length: int | None = None, num_image_tokens=None) -> Prompts:
@@ -315,7 +317,7 @@ class Sampler:
       return self._prefill(self.state if state is None else state, prompts.input_ids, prompts.attention_mask,
                            prompts.pixel_values, prompts.image_patch_index, jax.random.key(seed), params.arrays(), stop_array(stop_ids),
                            decode_length=prompts.decode_length, do_sample=params.do_sample,
-                           attention=self.resolve_attention(attention))
+                           attention=resolve_attention(self.config, attention))
 
   def decode(self, carry: Carry, limit: int, params: SamplingParams, *, stop_ids=DEFAULT_STOP_IDS,
              attention: str = "auto", state: nnx.State | None = None) -> Carry:
@@ -325,7 +327,7 @@ class Sampler:
       raise ValueError(f"limit {limit} exceeds the {carry.tokens.shape[1]} decode slots of this carry")
     with self._use_mesh():
       return self._decode(self.state if state is None else state, carry, jnp.int32(limit), params.arrays(),
-                          stop_array(stop_ids), do_sample=params.do_sample, attention=self.resolve_attention(attention, decode=True))
+                          stop_array(stop_ids), do_sample=params.do_sample, attention=resolve_attention(self.config, attention, decode=True))
 
 
 def _trim(tokens: np.ndarray, stop_ids) -> list[int]:
@@ -378,7 +380,7 @@ def generate(sampler: Sampler, *, input_ids, pixel_values=None, image_patch_inde
   do_sample / temperature / top_k / top_p / seed: greedy by default; see `SamplingParams`.
   stop_ids: ids that end a row (default <|im_end|>, <|endoftext|>); `()` generates exactly max_new_tokens.
   max_length: the limit on prompt + new tokens (default `llm.max_position_embeddings`); over it is an error.
-  attention: 'auto' | 'xla' | 'looped' | 'cudnn' for prefill and decode (see `Sampler.resolve_attention`).
+  attention: 'auto' | 'xla' | 'looped' | 'cudnn' for prefill and decode (see `resolve_attention`).
   state: the variables to generate with (default: the sampler's own).
   """
   rows = [[] for _ in range(len(input_ids))]

@@ -162,6 +162,15 @@ def describe(state: Any) -> str:
   return "\n".join(rows)
 
 
+def without_axes(spec: PartitionSpec, axes: set[str] | Sequence[str]) -> PartitionSpec:
+  """`spec` no longer split over `axes` (replicated over them)."""
+  entries = []
+  for entry in spec:
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in axes)
+    entries.append(kept if len(kept) > 1 else (kept[0] if kept else None))
+  return PartitionSpec(*entries)
+
+
 def process_mesh(mesh: Mesh) -> Mesh:
   """The block of `mesh` that this process's devices form, with the same axes (an axis split across processes
   shrinks to this process's part). On one process it is `mesh`. Raises `ValueError` when the process's devices
@@ -183,16 +192,10 @@ def to_process_mesh(tree: Any, local: Mesh, replicate: Sequence[str] = ()) -> An
   every process calls this at the same point); arrays that need no gathering keep their buffers (no copy).
   """
 
-  def gathered_spec(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
-    dropped = set(replicate) | {a for a in mesh.axis_names if local.shape[a] < mesh.shape[a]}
-    entries = []
-    for entry in spec:
-      kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in dropped)
-      entries.append(kept if len(kept) > 1 else (kept[0] if kept else None))
-    return PartitionSpec(*entries)
-
   leaves, treedef = jax.tree.flatten(tree)
-  gathered = [NamedSharding(x.sharding.mesh, gathered_spec(x.sharding.spec, x.sharding.mesh)) for x in leaves]
+  split = lambda mesh: {a for a in mesh.axis_names if local.shape[a] < mesh.shape[a]}
+  gathered = [NamedSharding(x.sharding.mesh, without_axes(x.sharding.spec, set(replicate) | split(x.sharding.mesh)))
+              for x in leaves]
   moved = [i for i, (g, x) in enumerate(zip(gathered, leaves)) if g.spec != x.sharding.spec]
   if moved:
     copies = jax.jit(lambda xs: xs, out_shardings=[gathered[i] for i in moved])([leaves[i] for i in moved])

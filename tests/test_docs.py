@@ -31,12 +31,15 @@ SHORT_TRAINING = ["steps=1", "global_batch_size=2", "data.max_length=320", "eval
 EDITS = {
     "python -m flashvl_jax.train stage": SHORT_TRAINING,
     "python -m flashvl_jax.train sft_lora": SHORT_TRAINING,
-    "python -m flashvl_jax.train grpo": [*SHORT_TRAINING, "grpo.group_size=2", "grpo.max_new_tokens=2"],
+    "python -m flashvl_jax.train grpo": [*SHORT_TRAINING, "grad_accum_steps=1", "grpo.group_size=2",
+                                         "grpo.max_new_tokens=2"],
     "python -m flashvl_jax.train": ["steps=2", "data.eval_size=8", "checkpoint.restart=true"],  # the demo
     "python -m flashvl_jax.bench --size full": ["--size", "tiny", "--variants", "static", "--new-tokens", "2",
                                                "--repeats", "1", "--batch-sizes", "2"],
     "python -m flashvl_jax.eval": ["--max-new-tokens", "2", "--max-seq-len", "512", "--no-progress"],
     "python -m flashvl_jax.bench --compile": ["--size", "tiny", "--variants", "static", "--depths", "1"],
+    "python -m flashvl_jax.bench --rollouts": ["--prompts", "2", "--group-size", "2", "--new-tokens", "2",
+                                              "--repeats", "1"],
     "python -m flashvl_jax.bench --serve": ["--clients", "1,2", "--requests-per-client", "1", "--baseline-requests",
                                            "1", "--new-tokens", "2", "--max-seq-len", "512"],
 }

@@ -316,7 +316,8 @@ def test_attention_argument_reaches_both_towers_of_the_traced_copy_only():
     carry = sampler.prefill(prompts, params, attention="auto")
     prefill_calls = list(seen)
     sampler.decode(carry, 4, params, attention="xla")
-  assert sampler.resolve_attention("auto") == sampler.resolve_attention("auto", decode=True) == "looped"
+  assert (sampling.resolve_attention(cfg, "auto") == "looped"
+          == sampling.resolve_attention(cfg, "auto", decode=True))
   assert prefill_calls == ["looped", "looped"]  # one traced call per scanned stack: vision tower, LLM
   assert set(seen[len(prefill_calls):]) == {"xla"}
   assert {m.implementation for _, m in nnx.iter_modules(model) if isinstance(m, layers.AttentionModule)} == {"xla"}

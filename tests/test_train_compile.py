@@ -5,7 +5,10 @@ import os
 import subprocess
 import sys
 
-from flashvl_jax.train.compile import compile_for_topology, topology_devices
+import jax
+
+from flashvl_jax.sharding import make_mesh
+from flashvl_jax.train.compile import compile_for_topology, compile_rollouts, topology_devices
 from flashvl_jax.train.config import load_train_config
 
 
@@ -22,6 +25,22 @@ def test_tiny_train_step_and_sampler_compile_for_v5e_2x2(capsys):
   # XLA's count and the analytic one agree within a factor of two (XLA misses nothing big; padding rows count
   # fully in the analytic FLOPs, and XLA counts the optimizer's elementwise work)
   assert 0.5 < train["xla_tflops_per_device"] / train["model_tflops_per_device"] < 2
+
+
+def test_grpo_compiles_its_rollout_engine(capsys):
+  """GRPO reports the engine its rollouts run on: admission of one prompt and a decode call of every slot, with
+  the policy whole on each device (fsdp gathered) and the slots split over the devices."""
+  cfg = load_train_config("tiny", ["objective=grpo", "lora.rank=4", r"optimizer.trainable=['\.lora_(a|b)$']",
+                                   "mesh.fsdp=4", "global_batch_size=4", "grpo.group_size=2", "grpo.max_new_tokens=8"])
+  _, decode = compile_rollouts(cfg, make_mesh({"fsdp": 4}, devices=topology_devices("v5e:2x2")))
+  policy, slots = decode.input_shardings[0][:2]
+  assert all(not {"data", "fsdp"} & set(jax.tree.leaves(tuple(s.spec))) for s in jax.tree.leaves(policy))
+  assert slots.cache["k"].spec[1] == "fsdp"  # 8 slots, 2 per chip
+  report = compile_for_topology(cfg, "v5e:2x2")
+  assert set(report) == {"train_step", "rollout_admit", "rollout_decode"}
+  assert "rollout_decode: arguments" in capsys.readouterr().out
+  for name in ("rollout_admit", "rollout_decode"):
+    assert 0 < report[name]["arguments_gib"] and report[name]["aliased_gib"] > 0  # the slots are donated
 
 
 def compile_only_cli(topology: str, **env: str) -> subprocess.CompletedProcess:

@@ -2,10 +2,10 @@
 
 `python -m flashvl_jax.train stage2_full --compile-only --topology v5e:2x4` builds the model and its train state
 abstractly (`nnx.eval_shape`, shapes with shardings, no arrays), lowers the same jitted step that training
-runs (its objective, with LoRA adapters when the config has them), and the sampler's prefill and decode for a
-batch of the run's prompts, compiles them with XLA's TPU compiler for the topology's devices, and reports what
-one device needs (`compiled.memory_analysis()`) and does (`compiled.cost_analysis()`). Nothing runs; no TPU is
-needed.
+runs (its objective, with LoRA adapters when the config has them) and what generates (GRPO: the rollout
+engine's admission and decode; else the sampler's prefill and decode for a batch of the run's prompts),
+compiles them with XLA's TPU compiler for the topology's devices, and reports what one device needs
+(`compiled.memory_analysis()`) and does (`compiled.cost_analysis()`). Nothing runs; no TPU is needed.
 """
 
 from __future__ import annotations
@@ -19,20 +19,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import topologies
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from flashvl_jax import checkpoint, sampling
 from flashvl_jax.config import ConfigError, load_config
+from flashvl_jax.engine import Engine
 from flashvl_jax.data.pipeline import TEXT_KEYS
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess import tiling
-from flashvl_jax.sharding import batch_sharding, make_mesh, replicated, state_shardings
+from flashvl_jax.sharding import batch_sharding, make_mesh, replicated, state_shardings, without_axes
 from flashvl_jax.train import flops
 from flashvl_jax.train.config import TrainConfig
 from flashvl_jax.train.optimizer import make_optimizer, make_schedule
 from flashvl_jax.train.lora import add_lora
-from flashvl_jax.train.state import abstract_train_state
+from flashvl_jax.train.grpo import ROLLOUT_REPLICATED
+from flashvl_jax.train.state import TrainState, abstract_train_state
 from flashvl_jax.train.steps import make_train_step
 from flashvl_jax.train.trainer import make_objective, trainable_components
 
@@ -95,10 +97,9 @@ def _timed(timings: dict[str, float] | None, name: str, fn):
   return out
 
 
-def compile_train_step(cfg: TrainConfig, mesh: Mesh,
-                       timings: dict[str, float] | None = None) -> tuple[Any, Any, dict[str, bool]]:
-  """(compiled train step, model config, trainable components) for `mesh`, from shapes alone; `timings` gets the
-  seconds of 'train_step_lower' and 'train_step_compile'."""
+def abstract_run(cfg: TrainConfig, mesh: Mesh) -> tuple[nnx.GraphDef, TrainState, TrainState, Any, Any, Any]:
+  """(graphdef, train state of shapes with shardings, its shardings, model config, optimizer, schedule) of the
+  run's model (with its LoRA adapters and remat), from shapes alone."""
   base = checkpoint.read_info(cfg.model.init).config if cfg.model.init else None
   model_cfg = cfg.model.flashvl_config(base)
   model = nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0)))
@@ -109,6 +110,14 @@ def compile_train_step(cfg: TrainConfig, mesh: Mesh,
   tx = make_optimizer(cfg.optimizer, schedule)
   graphdef, state, shardings = abstract_train_state(model, cfg.optimizer.trainable, tx, mesh,
                                                     frozen_dtype=cfg.model.frozen_dtype)
+  return graphdef, state, shardings, model_cfg, tx, schedule
+
+
+def compile_train_step(cfg: TrainConfig, mesh: Mesh,
+                       timings: dict[str, float] | None = None) -> tuple[Any, Any, dict[str, bool]]:
+  """(compiled train step, model config, trainable components) for `mesh`, from shapes alone; `timings` gets the
+  seconds of 'train_step_lower' and 'train_step_compile'."""
+  graphdef, state, shardings, model_cfg, tx, schedule = abstract_run(cfg, mesh)
   step = make_train_step(graphdef, tx, schedule, shardings, mesh, make_objective(cfg),
                          grad_accum_steps=cfg.grad_accum_steps)
   with jax.set_mesh(mesh):
@@ -117,18 +126,31 @@ def compile_train_step(cfg: TrainConfig, mesh: Mesh,
   return compiled, model_cfg, trainable_components(state.params)
 
 
+def compile_rollouts(cfg: TrainConfig, mesh: Mesh) -> tuple[Any, Any]:
+  """(compiled admission, compiled decode) of GRPO's rollout engine as the trainer builds it: a prompt of
+  `data.max_length` tokens with an image admitted, and a decode call of every slot (`grpo.rollout_slots`,
+  default one per rollout), with the policy's variables whole on every device of the batch axes, as rollouts
+  hold them (`grpo.ROLLOUT_REPLICATED`)."""
+  graphdef, state, _, _, _, _ = abstract_run(cfg, mesh)
+  policy = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+      mesh, without_axes(x.sharding.spec, ROLLOUT_REPLICATED))), nnx.merge_state(state.params, state.frozen))
+  rows = cfg.global_batch_size * cfg.grpo.group_size
+  engine = Engine(nnx.merge(graphdef, policy), slots=cfg.grpo.rollout_slots or rows, mesh=mesh, attention="xla",
+                  max_seq_len=cfg.data.max_length + cfg.grpo.max_new_tokens, allocate=False)
+  bucket = min(sampling.bucket_length(cfg.data.max_length), engine.max_seq_len - 1)
+  admit, decode = engine.lower(policy, prompt_length=bucket, image=True)
+  return admit.compile(), decode.compile()
+
+
 def compile_sampler(cfg: TrainConfig, mesh: Mesh, timings: dict[str, float] | None = None) -> tuple[Any, Any]:
-  """(compiled prefill, compiled decode) of the sampler for the run's prompts: `global_batch_size` rows (times the
-  GRPO group) in the prompt bucket of `data.max_length`, with `eval.max_new_tokens` (GRPO: `grpo.max_new_tokens`)
-  decode slots; greedy for SFT / DPO, sampling for GRPO. Inference keeps the model in its compute dtype. `timings`
-  gets the seconds of '{prefill,decode}_{lower,compile}'."""
+  """(compiled prefill, compiled decode) of the sampler for the run's final evaluation: `global_batch_size` rows in
+  the prompt bucket of `data.max_length`, `eval.max_new_tokens` decode slots, greedy. Inference keeps the model in
+  its compute dtype. `timings` gets the seconds of '{prefill,decode}_{lower,compile}'."""
   base = checkpoint.read_info(cfg.model.init).config if cfg.model.init else None
   model_cfg = load_config(cfg.model.flashvl_config(base), [f"param_dtype={cfg.model.compute_dtype}"])
   sampler = sampling.Sampler(nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0))), mesh)
-  grpo = cfg.objective == "grpo"
-  rows = cfg.global_batch_size * (cfg.grpo.group_size if grpo else 1)
-  new_tokens = cfg.grpo.max_new_tokens if grpo else cfg.eval.max_new_tokens
-  prompt = batch_shapes(rows, sampling.bucket_length(cfg.data.max_length), model_cfg, ("input_ids", "attention_mask"))
+  new_tokens = cfg.eval.max_new_tokens
+  prompt = batch_shapes(cfg.global_batch_size, sampling.bucket_length(cfg.data.max_length), model_cfg, ("input_ids", "attention_mask"))
   prompt = abstract(prompt, lambda ndim: batch_sharding(mesh, ndim))
   state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), sampler.state,
                        state_shardings(sampler.state, mesh))
@@ -140,12 +162,12 @@ def compile_sampler(cfg: TrainConfig, mesh: Mesh, timings: dict[str, float] | No
     lowered = _timed(timings, "prefill_lower", lambda: sampler._prefill.lower(
         state, prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"], prompt["image_patch_index"],
         rng, knobs, stop_ids, decode_length=sampling.bucket_length(new_tokens, sampling.MIN_DECODE_BUCKET),
-        do_sample=grpo, attention="xla"))
+        do_sample=False, attention="xla"))
     prefill = _timed(timings, "prefill_compile", lowered.compile)
     carry = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), prefill.out_info,
                          prefill.output_shardings)
     lowered = _timed(timings, "decode_lower", lambda: sampler._decode.lower(
-        state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=grpo, attention="xla"))
+        state, carry, replicate(np.int32(0)), knobs, stop_ids, do_sample=False, attention="xla"))
     decode = _timed(timings, "decode_compile", lowered.compile)
   return prefill, decode
 
@@ -172,7 +194,10 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict[str, dict[str,
   devices = topology_devices(topology)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices=devices)
   compiled, model_cfg, trains = compile_train_step(cfg, mesh)
-  prefill, decode = compile_sampler(cfg, mesh)
+  if cfg.objective == "grpo":  # what generates: GRPO's rollout engine, else the final evaluation's sampler
+    generation = dict(zip(("rollout_admit", "rollout_decode"), compile_rollouts(cfg, mesh)))
+  else:
+    generation = dict(zip(("prefill", "decode"), compile_sampler(cfg, mesh)))
   b = cfg.global_batch_size
   rows = b * (2 if cfg.objective == "dpo" else cfg.grpo.group_size if cfg.objective == "grpo" else 1)
   length = cfg.data.max_length + (cfg.grpo.max_new_tokens if cfg.objective == "grpo" else 0)
@@ -180,7 +205,7 @@ def compile_for_topology(cfg: TrainConfig, topology: str) -> dict[str, dict[str,
   model_flops = flops.train_step_flops(model_cfg, trains, tiles=rows * tiling.max_tiles(model_cfg),
                                        image_tokens=rows * tiling.max_image_tokens(model_cfg), tokens=rows * length,
                                        sum_sq_lengths=rows * length**2, lm_head_tokens=head_tokens)
-  report = {name: memory_report(c) for name, c in (("train_step", compiled), ("prefill", prefill), ("decode", decode))}
+  report = {name: memory_report(c) for name, c in {"train_step": compiled, **generation}.items()}
   report["train_step"].update(xla_tflops_per_device=compiled.cost_analysis().get("flops", 0.0) / 1e12,
                               model_tflops_per_device=model_flops / len(devices) / 1e12)
   print(f"{cfg.name} ({cfg.objective}) on {topology} ({devices[0].device_kind}, {len(devices)} chips), mesh "
