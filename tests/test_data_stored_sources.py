@@ -22,6 +22,7 @@ from flashvl_jax.config import load_config
 from flashvl_jax.testing.stored_datasets import qa_rows, write_parquet, write_tfds
 from flashvl_jax.train.config import load_train_config
 from flashvl_jax.train.data_sources import open_sources
+from flashvl_jax.train.objectives import OBJECTIVES
 
 QA = Fields(question="question", answer="answer")
 ROWS = 12
@@ -99,7 +100,7 @@ def test_a_mapping_that_does_not_fit_stops_before_training(stored):
                                    "data.fields.question=prompt_text", "data.fields.answer=answer"])
   with pytest.raises(ConfigError, match=r"no field for data.fields.question \('prompt_text'\); their fields are "
                                         r"'id', 'image', 'question', 'answer'"):
-    open_sources(cfg.data, cfg.objective)
+    open_sources(cfg.data, OBJECTIVES[cfg.objective].records)
   with pytest.raises(ConfigError, match="data.eval_split"):
     load_train_config("tiny", ["data.source=tfds", "data.path=tiny_vqa", "data.eval_path=x"])
   with pytest.raises(ConfigError, match="data.path .the TFDS dataset name. is required"):

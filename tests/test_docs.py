@@ -21,6 +21,7 @@ import urllib.request
 from flashvl_jax.testing.docs_workdir import TFDS_DATA_DIR, build_docs_workdir
 from flashvl_jax.train.config import load_train_config
 from flashvl_jax.train.data_sources import open_sources
+from flashvl_jax.train.objectives import OBJECTIVES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -106,7 +107,7 @@ def check_config(command: str, cwd: pathlib.Path) -> None:
   old = os.getcwd()
   os.chdir(cwd)
   try:
-    open_sources(cfg.data, cfg.objective)
+    open_sources(cfg.data, OBJECTIVES[cfg.objective].records)
     assert cfg.model.init is None or cfg.model.init == "CKPT" or pathlib.Path(cfg.model.init).exists(), command
   finally:
     os.chdir(old)

@@ -24,7 +24,6 @@ from jax.sharding import Mesh, NamedSharding
 from flashvl_jax import checkpoint, sampling
 from flashvl_jax.config import ConfigError, load_config
 from flashvl_jax.engine import Engine
-from flashvl_jax.data.pipeline import TEXT_KEYS
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess import tiling
@@ -36,7 +35,9 @@ from flashvl_jax.train.lora import add_lora
 from flashvl_jax.train.grpo import ROLLOUT_REPLICATED
 from flashvl_jax.train.state import TrainState, abstract_train_state
 from flashvl_jax.train.steps import make_train_step
-from flashvl_jax.train.trainer import make_objective, trainable_components
+from flashvl_jax.train.objective_spec import batch_shapes
+from flashvl_jax.train.objectives import OBJECTIVES
+from flashvl_jax.train.trainer import trainable_components
 
 GIB = 1024**3
 
@@ -57,35 +58,13 @@ def topology_devices(topology: str) -> list[Any]:
                      "v5e:4x4, v4:2x2x2, v5p:2x2x2, v6e:4x4") from e
 
 
-def batch_shapes(rows: int, length: int, model_cfg, text_keys: tuple[str, ...] = TEXT_KEYS) -> dict[str, tuple]:
-  """{key: (shape, dtype)} of `rows` rows of `length` tokens with images, as the data pipeline makes them."""
-  tiles, image_tokens = tiling.max_tiles(model_cfg), tiling.max_image_tokens(model_cfg)
-  size, group = model_cfg.vision.image_size, model_cfg.adapter.shuffle_factor**2
-  return {**{k: ((rows, length), jnp.int32) for k in text_keys},
-          "pixel_values": ((rows, tiles, size, size, 3), jnp.uint8), "tile_mask": ((rows, tiles), jnp.bool_),
-          "image_patch_index": ((rows, image_tokens, group), jnp.int32), "num_image_tokens": ((rows,), jnp.int32)}
-
-
 def abstract(shapes: dict[str, tuple], sharding_of) -> dict[str, jax.ShapeDtypeStruct]:
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_of(len(shape))) for k, (shape, dtype) in shapes.items()}
 
 
 def abstract_batch(cfg: TrainConfig, model_cfg, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes of one global batch of the run's objective, split over ('data', 'fsdp'): conversation rows (SFT),
-  chosen / rejected rows (DPO), or rollout rows of prompt + completion with advantages (GRPO)."""
-  b, length = cfg.global_batch_size, cfg.data.max_length
-  if cfg.objective == "dpo":
-    shapes = batch_shapes(b, length, model_cfg, tuple(f"{side}_{k}" for side in ("chosen", "rejected")
-                                                      for k in TEXT_KEYS))
-  elif cfg.objective == "grpo":
-    rows = b * cfg.grpo.group_size
-    shapes = batch_shapes(rows, length + cfg.grpo.max_new_tokens, model_cfg)
-    shapes["advantages"] = ((rows,), jnp.float32)
-  else:
-    shapes = batch_shapes(b, length, model_cfg)
-    if cfg.data.packing:
-      shapes.update(segment_ids=((b, length), jnp.int32), position_ids=((b, length), jnp.int32))
-  return abstract(shapes, lambda ndim: batch_sharding(mesh, ndim))
+  """Shapes of one global batch of the run's objective (its spec's `batch_shapes`), split over ('data', 'fsdp')."""
+  return abstract(OBJECTIVES[cfg.objective].batch_shapes(cfg, model_cfg), lambda ndim: batch_sharding(mesh, ndim))
 
 
 def _timed(timings: dict[str, float] | None, name: str, fn):
@@ -118,7 +97,7 @@ def compile_train_step(cfg: TrainConfig, mesh: Mesh,
   """(compiled train step, model config, trainable components) for `mesh`, from shapes alone; `timings` gets the
   seconds of 'train_step_lower' and 'train_step_compile'."""
   graphdef, state, shardings, model_cfg, tx, schedule = abstract_run(cfg, mesh)
-  step = make_train_step(graphdef, tx, schedule, shardings, mesh, make_objective(cfg),
+  step = make_train_step(graphdef, tx, schedule, shardings, mesh, OBJECTIVES[cfg.objective].loss(cfg),
                          grad_accum_steps=cfg.grad_accum_steps)
   with jax.set_mesh(mesh):
     lowered = _timed(timings, "train_step_lower", lambda: step.lower(state, abstract_batch(cfg, model_cfg, mesh)))
@@ -150,7 +129,8 @@ def compile_sampler(cfg: TrainConfig, mesh: Mesh, timings: dict[str, float] | No
   model_cfg = load_config(cfg.model.flashvl_config(base), [f"param_dtype={cfg.model.compute_dtype}"])
   sampler = sampling.Sampler(nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0))), mesh)
   new_tokens = cfg.eval.max_new_tokens
-  prompt = batch_shapes(cfg.global_batch_size, sampling.bucket_length(cfg.data.max_length), model_cfg, ("input_ids", "attention_mask"))
+  prompt = batch_shapes(cfg.global_batch_size, sampling.bucket_length(cfg.data.max_length), model_cfg,
+                        ("input_ids", "attention_mask"))
   prompt = abstract(prompt, lambda ndim: batch_sharding(mesh, ndim))
   state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), sampler.state,
                        state_shardings(sampler.state, mesh))
@@ -190,21 +170,22 @@ def describe(name: str, report: dict[str, float]) -> str:
 
 
 def compile_for_topology(cfg: TrainConfig, topology: str) -> dict[str, dict[str, float]]:
-  """Compiles the train step and the sampler for `topology`; prints (and returns) per-device memory and FLOPs."""
+  """Compiles the train step and what generates for `topology`; prints (and returns) per-device memory and
+  FLOPs."""
   devices = topology_devices(topology)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices=devices)
   compiled, model_cfg, trains = compile_train_step(cfg, mesh)
-  if cfg.objective == "grpo":  # what generates: GRPO's rollout engine, else the final evaluation's sampler
+  spec = OBJECTIVES[cfg.objective]
+  if spec.generates_by_rollouts:  # what generates: GRPO's rollout engine, else the final evaluation's sampler
     generation = dict(zip(("rollout_admit", "rollout_decode"), compile_rollouts(cfg, mesh)))
   else:
     generation = dict(zip(("prefill", "decode"), compile_sampler(cfg, mesh)))
-  b = cfg.global_batch_size
-  rows = b * (2 if cfg.objective == "dpo" else cfg.grpo.group_size if cfg.objective == "grpo" else 1)
-  length = cfg.data.max_length + (cfg.grpo.max_new_tokens if cfg.objective == "grpo" else 0)
-  head_tokens = rows * cfg.max_target_tokens if cfg.max_target_tokens and cfg.objective != "grpo" else None
+  rows, length = spec.model_rows(cfg)
+  per_row = spec.lm_head_tokens_per_row(cfg)
   model_flops = flops.train_step_flops(model_cfg, trains, tiles=rows * tiling.max_tiles(model_cfg),
                                        image_tokens=rows * tiling.max_image_tokens(model_cfg), tokens=rows * length,
-                                       sum_sq_lengths=rows * length**2, lm_head_tokens=head_tokens)
+                                       sum_sq_lengths=rows * length**2,
+                                       lm_head_tokens=None if per_row is None else rows * per_row)
   report = {name: memory_report(c) for name, c in {"train_step": compiled, **generation}.items()}
   report["train_step"].update(xla_tflops_per_device=compiled.cost_analysis().get("flops", 0.0) / 1e12,
                               model_tflops_per_device=model_flops / len(devices) / 1e12)

@@ -37,10 +37,11 @@ def _source(d: DataConfig, path: str, split: str) -> Any:
   return TfdsSource(path, split, data_dir=d.tfds_data_dir, fields=d.fields)
 
 
-def open_sources(d: DataConfig, objective: str) -> Sources:
-  """The train and (if configured) eval sources; stored records are checked against `data.fields`."""
+def open_sources(d: DataConfig, records: str = "conversation") -> Sources:
+  """The train and (if configured) eval sources for `records` ('conversation' or 'preference', the objective's);
+  stored records are checked against `data.fields`."""
   if d.source == "synthetic":
-    view = SyntheticPreferences if objective == "dpo" else lambda vqa: vqa
+    view = SyntheticPreferences if records == "preference" else lambda vqa: vqa
     return Sources(view(SyntheticVQA(d.train_size, "train", d.synthetic)),
                    view(SyntheticVQA(d.eval_size, "eval", d.synthetic)) if d.eval_size else None)
   train = _open(d, "data.path", d.path, d.split)

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from flashvl_jax.config import ConfigError
+from flashvl_jax.config import ConfigError, FlashVLConfig
 from flashvl_jax.data.pipeline import TEXT_KEYS
 from flashvl_jax.models.flashvl import FlashVLModel
-from flashvl_jax.train.config import DPOConfig
+from flashvl_jax.train.config import DPOConfig, TrainConfig
 from flashvl_jax.train.lora import set_lora
+from flashvl_jax.train.objective_spec import ObjectiveSpec, Shapes, batch_shapes
 from flashvl_jax.train.steps import Objective, model_targets
 
 Batch = dict[str, jax.Array]
@@ -99,4 +100,26 @@ def dpo_objective(cfg: DPOConfig, max_targets: int | None = None) -> Objective:
   reference forward is not in the FLOP count)."""
   return Objective(lambda model, batch, key: dpo_sums(model, batch, key, beta=cfg.beta,
                                                        label_smoothing=cfg.label_smoothing, max_targets=max_targets),
-                   "pairs", rows=concat_pairs)
+                   "pairs", rows=concat_pairs, counts=("pairs", "target_tokens"))
+
+
+class DPOSpec(ObjectiveSpec):
+  """DPO in the trainer: preference pairs (chosen and rejected rows of the same prompt), LoRA only, the held-out
+  preference accuracy at the end."""
+
+  name = "dpo"
+  records = "preference"
+  needs_lora = True
+
+  def loss(self, cfg: TrainConfig) -> Objective:
+    return dpo_objective(cfg.dpo, cfg.max_target_tokens)
+
+  def batch_shapes(self, cfg: TrainConfig, model_cfg: FlashVLConfig) -> Shapes:
+    return batch_shapes(cfg.global_batch_size, cfg.data.max_length, model_cfg,
+                        tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in TEXT_KEYS))
+
+  def model_rows(self, cfg: TrainConfig) -> tuple[int, int]:
+    return 2 * cfg.global_batch_size, cfg.data.max_length
+
+  def report(self, final: dict[str, float]) -> str | None:
+    return f"eval preference accuracy: {final['reward_accuracy']:.2f}" if "reward_accuracy" in final else None

@@ -30,17 +30,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from flashvl_jax import sampling
+from flashvl_jax.config import FlashVLConfig
 from flashvl_jax.data.sources import DataError
 from flashvl_jax.engine import Engine, Request
 from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.preprocess.tokenizer import Tokenizer
-from flashvl_jax.sharding import batch_sharding, to_process_mesh
-from flashvl_jax.train.config import GRPOConfig
+from flashvl_jax.sharding import batch_sharding, process_mesh, to_process_mesh
+from flashvl_jax.train.config import GRPOConfig, TrainConfig
 from flashvl_jax.train.dpo import answer_logps
 from flashvl_jax.train.lora import set_lora
-from flashvl_jax.train.rewards import RewardFn
+from flashvl_jax.train.objective_spec import ObjectiveSpec, RunStep, Shapes, StepParts, batch_shapes
+from flashvl_jax.train.rewards import RewardFn, reward_fn
 from flashvl_jax.train.state import TrainState
-from flashvl_jax.train.steps import Objective
+from flashvl_jax.train.steps import Objective, to_global
 
 
 Batch = dict[str, jax.Array]
@@ -249,3 +251,41 @@ class GRPOStep:
       state, metrics = self.train_step(state, device_rows)
     return state, {**{k: float(v) for k, v in jax.device_get(metrics).items()}, **rollout_metrics}
 
+
+
+class GRPOSpec(ObjectiveSpec):
+  """GRPO in the trainer: conversations as prompts, LoRA only; each step rolls out through the batching engine
+  (`GRPOStep`) and trains on the rollout rows; no held-out loss (the accuracy is by generation)."""
+
+  name = "grpo"
+  needs_lora = True
+  evaluates_by_loss = False
+  generates_by_rollouts = True
+
+  def loss(self, cfg: TrainConfig) -> Objective:
+    return grpo_objective(cfg.grpo)
+
+  def batch_shapes(self, cfg: TrainConfig, model_cfg: FlashVLConfig) -> Shapes:
+    rows, length = self.model_rows(cfg)
+    return batch_shapes(rows, length, model_cfg) | {"advantages": ((rows,), jnp.float32)}
+
+  def model_rows(self, cfg: TrainConfig) -> tuple[int, int]:
+    return cfg.global_batch_size * cfg.grpo.group_size, cfg.data.max_length + cfg.grpo.max_new_tokens
+
+  def lm_head_tokens_per_row(self, cfg: TrainConfig) -> int | None:
+    return None  # the scored completions are cut to grpo.max_new_tokens by the objective itself
+
+  def check_batch(self, cfg: TrainConfig, local: dict[str, np.ndarray]) -> None:
+    pass  # the batch holds prompts; what is scored are the completions, at most grpo.max_new_tokens each
+
+  def make_step(self, parts: StepParts) -> RunStep:
+    cfg, graphdef, state, mesh = parts.cfg, parts.graphdef, parts.state, parts.mesh
+    variables = nnx.merge_state(state.params, state.frozen)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    rows = cfg.global_batch_size // jax.process_count() * cfg.grpo.group_size
+    # on this process's devices, holding no parameters: each rollout passes the state's
+    engine = Engine(nnx.merge(graphdef, shapes), slots=cfg.grpo.rollout_slots or rows, mesh=process_mesh(mesh),
+                    max_seq_len=cfg.data.max_length + cfg.grpo.max_new_tokens, max_queue=rows)
+    return GRPOStep(engine, parts.tokenizer, parts.train_step,
+                    make_logps_fn(graphdef, parts.shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
+                    reward_fn(cfg.grpo.rewards), lambda rollout: to_global(rollout, mesh))

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
-COUNTS = ("target_tokens", "pairs", "answered")  # sums that stay sums in the metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +40,11 @@ class Objective:
   normalizer: str
   ratios: Mapping[str, str] = dataclasses.field(default_factory=dict)  # metric -> the count it is divided by
   rows: Callable[[Batch], Batch] = lambda batch: batch  # the model rows of a batch, for token and FLOP counts
+  counts: tuple[str, ...] = ("target_tokens",)  # sums that stay sums in the metrics
 
   def means(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Sums -> means (counts stay sums)."""
-    return {k: v if k in COUNTS else v / jnp.maximum(sums[self.ratios.get(k, self.normalizer)], 1.0)
+    return {k: v if k in self.counts else v / jnp.maximum(sums[self.ratios.get(k, self.normalizer)], 1.0)
             for k, v in sums.items()}
 
 
@@ -69,7 +69,7 @@ def sft_objective(max_targets: int | None = None) -> Objective:
     return {"loss": loss, "target_tokens": tokens, "answer_accuracy": correct.astype(jnp.float32),
             "answered": answered.astype(jnp.float32)}
 
-  return Objective(sums, "target_tokens", ratios={"answer_accuracy": "answered"})
+  return Objective(sums, "target_tokens", ratios={"answer_accuracy": "answered"}, counts=("target_tokens", "answered"))
 
 
 def split_microbatches(x: jax.Array, n: int) -> jax.Array:
@@ -152,6 +152,11 @@ def make_eval_step(graphdef: nnx.GraphDef, shardings: TrainState, mesh: Mesh,
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
   """This process's rows -> global arrays split over ('data', 'fsdp') (all processes call it together)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+
+
+def host_metrics(state: TrainState, metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, float]]:
+  """A step's metrics as host floats (waits for the step)."""
+  return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def evaluate(eval_step: Callable, objective: Objective, state: TrainState, batches: Iterable[dict[str, np.ndarray]],

@@ -1,7 +1,8 @@
 """The Flash-VL trainer, top to bottom: config -> mesh -> model -> data -> jitted step -> eval -> checkpoints.
 
-`train(cfg)` runs one stage with one objective: SFT (stages 1-4, SFT-LoRA), DPO (stage 5) or GRPO. The steps
-live in `steps` (shared), `dpo` and `grpo` (their objectives). Parameters are float32 (master weights); the
+`train(cfg)` runs one stage with one objective: SFT (stages 1-4, SFT-LoRA), DPO (stage 5) or GRPO. What differs
+between them (records, loss, step, final report) is the objective's spec (`objectives.OBJECTIVES`); the jitted
+steps are shared (`steps`). Parameters are float32 (master weights); the
 model computes in `model.compute_dtype`. With a `lora` section, adapters are added before training and merged
 into the saved model. Every process feeds its own slice of the batch; only process 0 logs.
 """
@@ -33,21 +34,19 @@ from flashvl_jax.models.flashvl import FlashVLModel
 from flashvl_jax.models.layers import set_remat
 from flashvl_jax.preprocess.processor import Processor
 from flashvl_jax.preprocess.tokenizer import Tokenizer, load_tokenizer
-from flashvl_jax.engine import Engine
-from flashvl_jax.sharding import create_sharded, make_mesh, process_mesh
+from flashvl_jax.sharding import create_sharded, make_mesh
 from flashvl_jax.train import flops, step_model
 from flashvl_jax.train.config import DistributedConfig, LoraConfig, ModelConfig, TrainConfig
 from flashvl_jax.train.data_sources import Sources, open_sources
-from flashvl_jax.train.dpo import check_lora_only, dpo_objective
+from flashvl_jax.train.dpo import check_lora_only
 from flashvl_jax.train.evaluation import generation_accuracy, show_answers
-from flashvl_jax.train.grpo import GRPOStep, grpo_objective, make_logps_fn
 from flashvl_jax.train.lora import add_lora, merge_lora
-from flashvl_jax.train.losses import check_max_targets
 from flashvl_jax.train.metrics import MetricsLogger, Throughput
+from flashvl_jax.train.objective_spec import StepParts
+from flashvl_jax.train.objectives import OBJECTIVES
 from flashvl_jax.train.optimizer import check_patterns, make_optimizer, make_schedule, path_name
-from flashvl_jax.train.rewards import reward_fn
-from flashvl_jax.train.state import Checkpointer, TrainState, create_train_state
-from flashvl_jax.train.steps import Objective, evaluate, make_eval_step, make_train_step, sft_objective, to_global
+from flashvl_jax.train.state import Checkpointer, create_train_state
+from flashvl_jax.train.steps import evaluate, make_eval_step, make_train_step
 from flashvl_jax.weights.hf_io import param_shapes
 
 
@@ -106,14 +105,6 @@ def check_vocabulary(tokenizer: Tokenizer, model_cfg: FlashVLConfig) -> None:
                       "trained with, or a model whose vocabulary covers it")
 
 
-def make_objective(cfg: TrainConfig) -> Objective:
-  if cfg.objective == "dpo":
-    return dpo_objective(cfg.dpo, cfg.max_target_tokens)
-  if cfg.objective == "grpo":
-    return grpo_objective(cfg.grpo)
-  return sft_objective(cfg.max_target_tokens)
-
-
 @dataclasses.dataclass
 class Datasets:
   train: Any  # grain IterDataset of this process's batches, repeating
@@ -125,8 +116,9 @@ class Datasets:
   eval_records: Any | None  # the eval source, for generation (conversations)
 
 
-def build_data(cfg: TrainConfig, processor: Processor, sources: Sources) -> Datasets:
-  """This process's train and eval pipelines; the global batch is split evenly over processes."""
+def build_data(cfg: TrainConfig, processor: Processor, sources: Sources, records: str) -> Datasets:
+  """This process's train and eval pipelines of `records` ('conversation' / 'preference'); the global batch is
+  split evenly over processes."""
   d = cfg.data
   train_src, eval_src = sources.train, sources.eval
   processes = jax.process_count()
@@ -137,7 +129,7 @@ def build_data(cfg: TrainConfig, processor: Processor, sources: Sources) -> Data
       raise DataError(f"{name} {src!r} holds {len(src)} records; every one of the {processes} processes needs "
                       "at least one")
   common = dict(num_threads=d.num_threads, num_workers=d.num_workers, packing=d.packing,
-                records="preference" if cfg.objective == "dpo" else "conversation",
+                records=records,
                 bad_sample_policy=d.bad_sample_policy,
                 skip_limits=SkipLimits(max_consecutive=d.max_consecutive_skips, max_fraction=d.max_skip_fraction))
   skipped = SkipStats()
@@ -149,8 +141,8 @@ def build_data(cfg: TrainConfig, processor: Processor, sources: Sources) -> Data
     eval_ds = make_dataset(eval_src, processor, batch_size=eval_batch, shuffle=False, num_epochs=1,
                            drop_remainder=False, **common)
     eval_batches = math.ceil((len(eval_src) // processes) / eval_batch)  # the same count on every process
-  records = eval_src if cfg.objective != "dpo" else None
-  return Datasets(train, skipped, eval_ds, eval_batches, eval_batch, len(train_src), records)
+  questions = eval_src if records == "conversation" else None
+  return Datasets(train, skipped, eval_ds, eval_batches, eval_batch, len(train_src), questions)
 
 
 def trainable_components(params: nnx.State) -> dict[str, bool]:
@@ -164,7 +156,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
   initialize_distributed(cfg.distributed)
   enable_compilation_cache(cfg.compilation_cache_dir)
   mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-  sources = open_sources(cfg.data, cfg.objective)  # these two before minutes of model building
+  # these two before minutes of model building
+  sources = open_sources(cfg.data, OBJECTIVES[cfg.objective].records)
   integrity.probe_writable(cfg.output_dir, "output directory")
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   model = build_model(cfg.model, mesh, cfg.lora)
@@ -178,32 +171,23 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
            resume: bool) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   out = pathlib.Path(cfg.output_dir)
+  spec = OBJECTIVES[cfg.objective]
   check_patterns(model, cfg.optimizer.trainable)
-  data = build_data(cfg, processor, sources)
+  data = build_data(cfg, processor, sources, spec.records)
   total_steps = cfg.steps or cfg.epochs * data.train_size // cfg.global_batch_size
   schedule = make_schedule(cfg.optimizer, total_steps)
   tx = make_optimizer(cfg.optimizer, schedule)
   graphdef, state, shardings = create_train_state(model, cfg.optimizer.trainable, tx, mesh,
                                                   frozen_dtype=cfg.model.frozen_dtype)
-  if cfg.objective != "sft":
-    check_lora_only(state.params, cfg.objective.upper())
+  if spec.needs_lora:
+    check_lora_only(state.params, spec.name.upper())
   model_cfg = model.config
-  objective = make_objective(cfg)
+  objective = spec.loss(cfg)
   train_step = make_train_step(graphdef, tx, schedule, shardings, mesh, objective,
                                grad_accum_steps=cfg.grad_accum_steps, dropout_seed=cfg.model.seed)
-  run_step = lambda state, local: host_metrics(*train_step(state, to_global(local, mesh)))
+  run_step = spec.make_step(StepParts(cfg, graphdef, state, shardings, mesh, train_step, processor.tokenizer))
   eval_step = None
-  if cfg.objective == "grpo":  # rollouts from the current policy, then the update; eval is by generation
-    variables = nnx.merge_state(state.params, state.frozen)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
-    rows = cfg.global_batch_size // jax.process_count() * cfg.grpo.group_size
-    # holds no parameters: each rollout passes the state's
-    engine = Engine(nnx.merge(graphdef, shapes), slots=cfg.grpo.rollout_slots or rows, mesh=process_mesh(mesh),
-                    max_seq_len=cfg.data.max_length + cfg.grpo.max_new_tokens, max_queue=rows)
-    run_step = GRPOStep(engine, processor.tokenizer, train_step,
-                        make_logps_fn(graphdef, shardings, mesh, cfg.grpo.max_new_tokens), cfg.grpo,
-                        reward_fn(cfg.grpo.rewards), lambda rows: to_global(rows, mesh))
-  elif data.eval is not None:
+  if spec.evaluates_by_loss and data.eval is not None:
     eval_step = make_eval_step(graphdef, shardings, mesh, objective)
   del model  # its arrays live on in `state`
   run_eval = lambda state: evaluate(eval_step, objective, state, itertools.islice(iter(data.eval), data.eval_batches),
@@ -243,9 +227,7 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
   try:
     for step in range(start + 1, total_steps + 1):
       local = next(train_iter)
-      if cfg.objective != "grpo":
-        for key in (k for k in local if k.endswith("loss_mask")):
-          check_max_targets(local[key], cfg.max_target_tokens)
+      spec.check_batch(cfg, local)
       state, metrics = run_step(state, local)
       if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
         checkpointer.wait()  # so that the message names the newest checkpoint
@@ -284,10 +266,8 @@ def _train(cfg: TrainConfig, mesh: Mesh, model: FlashVLModel, processor: Process
   if final:
     logger.write(total_steps, final, prefix="eval")
     logger.print("eval " + ", ".join(f"{k}: {v:.4g}" for k, v in final.items()))
-    if cfg.objective == "dpo":
-      logger.print(f"eval preference accuracy: {final['reward_accuracy']:.2f}")
-    elif "accuracy" in final or "answer_accuracy" in final:
-      logger.print(f"eval accuracy: {final.get('accuracy', final.get('answer_accuracy')):.2f}")
+    if spec.report(final):
+      logger.print(spec.report(final))
   if data.eval_records is not None and cfg.demo_questions and single:
     show_answers(model, data.eval_records, cfg.demo_questions, cfg.eval.max_new_tokens, logger.print)
   if metrics.get("skipped"):
@@ -305,7 +285,3 @@ def skip_metrics(stats: SkipStats) -> dict[str, float]:
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
   return {"skipped": float(counts.sum()), **{f"skipped_{kind}": float(n) for kind, n in zip(SKIP_KINDS, counts)}}
-
-
-def host_metrics(state: TrainState, metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, float]]:
-  return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
