@@ -6,8 +6,9 @@ shapes alone (`nnx.eval_shape`, no weights) and time `lower` and `compile` of
 - the sampler's prefill and decode (bf16, batch 1, a 512-token prompt bucket, 64 decode slots), on this host;
 - the stage-2 train step (`stage2_full`: everything trains, `remat: full`, global batch 240 in 30 micro-batches of
   2,048 tokens), on this host or, with `--topology v5e:2x4`, for that TPU slice through libtpu.
-The decode row also counts instructions in the compiled decode loop that copy a whole stacked weight (should be 0:
-the scanned layers read each layer's slice of the stacked parameters in place).
+The decode row also counts instructions in the compiled decode that copy a whole stacked weight (should be 0), and
+those that write one layer's weight matrix (each runs every step: on XLA:CPU every projection's slice of its
+stack is materialised before its dot, which is why batch-1 decode trails PyTorch there; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -79,9 +80,13 @@ def measure(part: str, preset: str, layers: int | None, topology: str | None) ->
     _, decode = aot.compile_sampler(cfg, make_mesh({"fsdp": 1}, devices=jax.devices()[:1]), timings)
     model_cfg = load_config(cfg.model.flashvl_config(), [f"param_dtype={cfg.model.compute_dtype}"])
     abstract = nnx.eval_shape(lambda: FlashVLModel(model_cfg, rngs=nnx.Rngs(0)))
-    shapes = {hlo_shape(v.shape, v.dtype) for _, v in nnx.to_flat_state(nnx.state(abstract.llm.model.layers,
-                                                                                    nnx.Param))}
+    stacked = [v for _, v in nnx.to_flat_state(nnx.state(abstract.llm.model.layers, nnx.Param))]
+    shapes = {hlo_shape(v.shape, v.dtype) for v in stacked}
+    # one layer's matrix, in any floating dtype it may be converted to on the way to its dot
+    layer_shapes = {hlo_shape(v.shape[1:], dtype) for v in stacked if len(v.shape) > 2
+                    for dtype in ("float32", "bfloat16")}
     result["decode_stacked_weight_copies"] = len(stacked_weight_copies(decode.as_text(), sorted(shapes)))
+    result["decode_layer_weight_copies"] = len(stacked_weight_copies(decode.as_text(), sorted(layer_shapes)))
     result["decode_temporaries_mb"] = decode.memory_analysis().temp_size_in_bytes / 1e6
   else:
     cfg = _train_config(preset, layers, sampler=False)
@@ -114,7 +119,7 @@ def format_row(r: dict[str, Any]) -> str:
   if r["part"] == "sampler":
     what = (f"prefill lower {t['prefill_lower']:6.1f} s compile {t['prefill_compile']:6.1f} s | decode lower "
             f"{t['decode_lower']:6.1f} s compile {t['decode_compile']:6.1f} s | stacked-weight copies in decode: "
-            f"{r['decode_stacked_weight_copies']}")
+            f"{r['decode_stacked_weight_copies']}, per-layer weight copies: {r['decode_layer_weight_copies']}")
   else:
     what = (f"train step ({r['target']}) lower {t['train_step_lower']:6.1f} s compile {t['train_step_compile']:6.1f} s"
             f" | peak {r['train_step_peak_gib_per_device']:.2f} GiB/device")

@@ -7,8 +7,9 @@
 
 How it runs:
 - The device holds `Slots`: a KV cache [L, S, C, K, hd] for S slots of C positions each, the token each slot
-  feeds next, how many cache entries it has filled, its sampling settings and budget. Every function below
-  donates it, so the cache is updated in place.
+  feeds next, how many cache entries it has filled, its sampling settings and budget, split over the mesh's batch
+  axes (`slot_axes`: each device holds its share of the slots). Every function below donates it, so the cache is
+  updated in place.
 - Admission (one jit per prompt bucket, with or without an image): a request's prompt, right-padded to a
   power-of-two bucket, runs through the vision tower and the LLM into a scratch cache of the bucket's length;
   its first token is sampled and the scratch cache is copied into a free slot's first positions. The other

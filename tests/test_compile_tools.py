@@ -72,6 +72,9 @@ def test_compile_bench_cli_on_tiny_presets(tmp_path):
   for r in rows:
     assert all(seconds > 0 for seconds in r["timings"].values()) and r["peak_rss_gb"] > 0.1
   assert all(r["decode_stacked_weight_copies"] == 0 for r in rows if r["part"] == "sampler")
+  # XLA:CPU copies each layer's slice of a stacked weight before its dot, every decode step (docs/benchmarks.md,
+  # "CPU, full size"); when a change removes the copies, this fails: update the docs with the new decode speed
+  assert all(r["decode_layer_weight_copies"] > 0 for r in rows if r["part"] == "sampler")
   assert "stacked-weight copies in decode: 0" in done.stdout and "train step (host)" in done.stdout
   bad = subprocess.run([sys.executable, "-m", "flashvl_jax.bench", "--compile", "--variants", "dynamic"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
