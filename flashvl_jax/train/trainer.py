@@ -2,9 +2,9 @@
 
 `train(cfg)` runs one stage with one objective: SFT (stages 1-4, SFT-LoRA), DPO (stage 5) or GRPO. What differs
 between them (records, loss, step, final report) is the objective's spec (`objectives.OBJECTIVES`); the jitted
-steps are shared (`steps`). Parameters are float32 (master weights); the
-model computes in `model.compute_dtype`. With a `lora` section, adapters are added before training and merged
-into the saved model. Every process feeds its own slice of the batch; only process 0 logs.
+steps are shared (`steps`). Parameters are float32 (master weights); the model computes in
+`model.compute_dtype`. With a `lora` section, adapters are added before training and merged into the saved
+model. Every process feeds its own slice of the batch; only process 0 logs.
 """
 
 from __future__ import annotations
