@@ -8,6 +8,7 @@ through `RULES`. A mesh axis is dropped for a dimension it does not divide (e.g.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -184,6 +185,12 @@ def process_mesh(mesh: Mesh) -> Mesh:
   return Mesh(mesh.devices[block], mesh.axis_names, axis_types=mesh.axis_types)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _reshard(arrays: list[jax.Array], shardings: tuple[NamedSharding, ...]) -> list[jax.Array]:
+  """`arrays` laid out by `shardings`; compiled once per set of shapes and shardings (GRPO calls it every step)."""
+  return [jax.lax.with_sharding_constraint(x, s) for x, s in zip(arrays, shardings)]
+
+
 def to_process_mesh(tree: Any, local: Mesh, replicate: Sequence[str] = ()) -> Any:
   """`tree`'s global arrays (NamedSharding on a mesh that `local = process_mesh(mesh)` is a block of) as arrays on
   `local`, to run this process's own computations on them, no longer split over the `replicate` axes.
@@ -198,7 +205,7 @@ def to_process_mesh(tree: Any, local: Mesh, replicate: Sequence[str] = ()) -> An
               for x in leaves]
   moved = [i for i, (g, x) in enumerate(zip(gathered, leaves)) if g.spec != x.sharding.spec]
   if moved:
-    copies = jax.jit(lambda xs: xs, out_shardings=[gathered[i] for i in moved])([leaves[i] for i in moved])
+    copies = _reshard([leaves[i] for i in moved], tuple(gathered[i] for i in moved))
     for i, copy in zip(moved, copies):
       leaves[i] = copy
   local_leaves = [jax.make_array_from_single_device_arrays(x.shape, NamedSharding(local, g.spec),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -94,3 +95,12 @@ def test_gpu_script_runs_its_tiny_mode_on_cpu(tmp_path):
   assert "tokens/s" in (tmp_path / "train.txt").read_text()
   wrong = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_bench.sh"), "--huge"], capture_output=True, text=True)
   assert wrong.returncode == 2 and wrong.stderr.startswith("error: unknown argument --huge")
+
+
+def test_stacked_matvec_script_times_every_layout():
+  """scripts/stacked_matvec.py (the CPU decode-gap measurement in docs/benchmarks.md) at a small size."""
+  done = subprocess.run([sys.executable, "scripts/stacked_matvec.py", "--layers", "2", "--rows", "64", "--cols",
+                         "128", "--repeats", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert done.returncode == 0, done.stderr[-2000:]
+  for name in ("jax, separate arrays", "jax, one stacked array in fori_loop", "pytorch, separate tensors"):
+    assert re.search(rf"^{re.escape(name)} +[\d.]+ ms +[\d.]+ GB/s$", done.stdout, re.M), done.stdout

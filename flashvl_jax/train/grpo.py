@@ -252,7 +252,6 @@ class GRPOStep:
     return state, {**{k: float(v) for k, v in jax.device_get(metrics).items()}, **rollout_metrics}
 
 
-
 class GRPOSpec(ObjectiveSpec):
   """GRPO in the trainer: conversations as prompts, LoRA only; each step rolls out through the batching engine
   (`GRPOStep`) and trains on the rollout rows; no held-out loss (the accuracy is by generation)."""
